@@ -1,0 +1,470 @@
+//! The CPU backend: weights stay in the GGUF mapping, activations are f32, matrix products go
+//! through the quantized dot-product kernels of [`crate::quant`] with activations quantized on the
+//! fly (as llama.cpp does), and work is spread over a private rayon pool.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::gguf::TensorView;
+use crate::kv::{KvPool, SeqCache};
+use crate::quant::{self, GgmlType};
+
+/// Tokens processed together against one block of weight rows: the rows stay in L1 while every
+/// token of the block is multiplied with them.
+const TOKEN_BLOCK: usize = 16;
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// `threads == 0` means one per physical core.
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let threads = if threads == 0 {
+            physical_cores()
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("realm-cpu-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(CpuBackend { pool, threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f` inside this backend's thread pool, so that every parallel op it calls uses it.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// y[n, m] = x[n, k] · Wᵀ where W is [m rows, k] in any GGUF type.
+    pub fn matmul(&self, w: &TensorView, x: &[f32], n: usize, y: &mut [f32]) {
+        let k = w.row_len();
+        let m = w.n_rows();
+        debug_assert_eq!(x.len(), n * k);
+        debug_assert_eq!(y.len(), n * m);
+        let kern = quant::kernels(w.ty);
+        let arb = kern
+            .act_type
+            .row_bytes(k)
+            .expect("weight rows are whole blocks");
+        let mut xq = vec![0u8; n * arb];
+        if n == 1 {
+            (kern.quantize_act)(x, &mut xq);
+        } else {
+            xq.par_chunks_mut(arb)
+                .zip(x.par_chunks(k))
+                .for_each(|(d, s)| (kern.quantize_act)(s, d));
+        }
+        let rb = w.row_bytes();
+        let wd = w.data();
+        let chunk = rows_per_task(m, self.threads);
+        if n == 1 {
+            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+                let r0 = ci * chunk;
+                for (i, out) in ys.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    *out = (kern.vec_dot)(k, &wd[r * rb..(r + 1) * rb], &xq);
+                }
+            });
+            return;
+        }
+        // Transposed result [m, n], so that each task owns a contiguous block of rows.
+        let mut yt = vec![0f32; m * n];
+        yt.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(ci, ys)| {
+                let r0 = ci * chunk;
+                let rows = ys.len() / n;
+                for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                    let t1 = (t0 + TOKEN_BLOCK).min(n);
+                    for ri in 0..rows {
+                        let r = r0 + ri;
+                        let wr = &wd[r * rb..(r + 1) * rb];
+                        for t in t0..t1 {
+                            ys[ri * n + t] = (kern.vec_dot)(k, wr, &xq[t * arb..(t + 1) * arb]);
+                        }
+                    }
+                }
+            });
+        transpose(&yt, m, n, y);
+    }
+
+    /// Adds a bias vector (F32 tensor of length m) to every row of y[n, m].
+    pub fn add_bias(&self, y: &mut [f32], bias: &[f32]) {
+        for row in y.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    }
+
+    /// Causal multi-head attention for `n` consecutive tokens of one sequence starting at `pos0`,
+    /// whose keys and values are already in the cache.
+    /// q: [n, n_head * head_dim] (already scaled as the architecture wants); out: same shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        kv: &KvPool,
+        layer: usize,
+        seq: &SeqCache,
+        pos0: usize,
+        q: &[f32],
+        out: &mut [f32],
+        p: &AttnParams,
+    ) {
+        let hd = p.head_dim;
+        let group = p.n_head / p.n_head_kv;
+        let f16k = quant::kernels(GgmlType::F16);
+        let work = |(i, o): (usize, &mut [f32])| {
+            let (t, h) = (i / p.n_head, i % p.n_head);
+            let pos = pos0 + t;
+            let kvh = h / group;
+            let lo = match p.window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let qh = &q[i * hd..(i + 1) * hd];
+            // Keys are f16: the query is rounded to f16 too and the dot runs in the F16 kernel,
+            // as llama.cpp's KQ product does.
+            let mut q16 = vec![0u8; hd * 2];
+            (f16k.quantize_act)(qh, &mut q16);
+            let mut scores = Vec::with_capacity(pos + 1 - lo);
+            let mut max = f32::NEG_INFINITY;
+            for j in lo..=pos {
+                let (kr, _) = kv.read(layer, seq, j);
+                let kr = &kr[kvh * hd..(kvh + 1) * hd];
+                let s = (f16k.vec_dot)(hd, bytemuck::cast_slice(kr), &q16) * p.scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            o.fill(0.0);
+            let mut vrow = vec![0f32; hd];
+            for (j, &s) in (lo..=pos).zip(&scores) {
+                let (_, vr) = kv.read(layer, seq, j);
+                vr[kvh * hd..(kvh + 1) * hd].convert_to_f32_slice(&mut vrow);
+                // The probabilities meet f16 values, so llama.cpp rounds them to f16 for the
+                // product; doing the same keeps long contexts in step with the reference.
+                let w = f16::from_f32(s * inv).to_f32();
+                for (acc, v) in o.iter_mut().zip(&vrow) {
+                    *acc += w * v;
+                }
+            }
+        };
+        if out.len() / hd >= 2 * self.threads {
+            out.par_chunks_mut(hd).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(work);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttnParams {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Multiplier applied to q·k.
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys at positions > p - window.
+    pub window: Option<usize>,
+}
+
+fn rows_per_task(m: usize, threads: usize) -> usize {
+    // Several tasks per thread so that uneven progress balances out, but not so many that
+    // scheduling overhead shows on small matrices.
+    let tasks = threads * 8;
+    m.div_ceil(tasks).clamp(16, 4096).min(m.max(1))
+}
+
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+/// Dequantizes row `i` of `w` into `out` (embedding lookup).
+pub fn get_row(w: &TensorView, i: usize, out: &mut [f32]) {
+    quant::dequantize_row(w.ty, w.row(i), out);
+}
+
+/// Reads a 1-D F32 (or any-type) tensor fully into f32.
+pub fn to_f32_vec(w: &TensorView) -> Vec<f32> {
+    let n = w.row_len() * w.n_rows();
+    let mut out = vec![0f32; n];
+    let rl = w.row_len();
+    for (i, chunk) in out.chunks_exact_mut(rl).enumerate() {
+        quant::dequantize_row(w.ty, w.row(i), chunk);
+    }
+    out
+}
+
+/// RMS normalisation of every row of x (width = weight.len()), in place, times the weight.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        // f64 accumulation, as ggml does: rows of thousands of values lose bits in f32.
+        let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / row.len() as f64) as f32 + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// out = rms_norm(x) (not in place).
+pub fn rms_norm_into(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    rms_norm(out, weight, eps);
+}
+
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// SwiGLU: gate = silu(gate) * up.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// GELU (tanh approximation, as Gemma and ggml_gelu) of every value an f16 can hold, itself
+/// rounded to f16: ggml evaluates GELU through exactly this table, and the rounding it implies
+/// is visible in the logits of models with large activations.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = f16::from_bits(bits).to_f32();
+                let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh());
+                f16::from_f32(y).to_f32()
+            })
+            .collect()
+    })
+}
+
+/// GeGLU: gate = gelu(gate) * up.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_table();
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let gx = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            table[f16::from_f32(x).to_bits() as usize]
+        };
+        *g = gx * u;
+    }
+}
+
+pub fn scale(x: &mut [f32], s: f32) {
+    for v in x {
+        *v *= s;
+    }
+}
+
+/// Rotary position embedding, with ggml's conventions (`normal` rotates adjacent pairs, `neox`
+/// rotates element i with i + n_dims/2) and its YaRN / linear-scaling formula.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub n_dims: usize,
+    pub base: f32,
+    /// 1 / linear scaling factor.
+    pub freq_scale: f32,
+    pub neox: bool,
+    /// YaRN extrapolation mix (0 disables YaRN).
+    pub ext_factor: f32,
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    pub n_ctx_orig: usize,
+    /// Per-dimension-pair divisors of the frequency (Llama 3.1's `rope_freqs.weight`).
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+impl Rope {
+    pub fn new(n_dims: usize, base: f32, neox: bool) -> Self {
+        Rope {
+            n_dims,
+            base,
+            freq_scale: 1.0,
+            neox,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig: 0,
+            freq_factors: None,
+        }
+    }
+
+    fn corr_dims(&self) -> (f32, f32) {
+        let n = self.n_dims as f32;
+        let corr = |rot: f32| {
+            n * (self.n_ctx_orig as f32 / (rot * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * self.base.ln())
+        };
+        let start = corr(self.beta_fast).floor().max(0.0);
+        let end = corr(self.beta_slow).ceil().min(n - 1.0);
+        (start, end)
+    }
+
+    /// (cos, sin) for each of the n_dims/2 rotated pairs at position `pos`.
+    pub fn table(&self, pos: usize) -> Vec<(f32, f32)> {
+        let half = self.n_dims / 2;
+        let theta_scale = self.base.powf(-2.0 / self.n_dims as f32);
+        let corr = if self.ext_factor != 0.0 {
+            self.corr_dims()
+        } else {
+            (0.0, 0.0)
+        };
+        let mut out = Vec::with_capacity(half);
+        // Repeated multiplication in f32, exactly as ggml, so positions far into the context get
+        // the same angles as the reference.
+        let mut theta_base = pos as f32;
+        for i in 0..half {
+            let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+            let theta_extrap = theta_base / ff;
+            let theta_interp = self.freq_scale * theta_extrap;
+            let mut theta = theta_interp;
+            let mut mscale = self.attn_factor;
+            if self.ext_factor != 0.0 {
+                let y = (i as f32 - corr.0) / (corr.1 - corr.0).max(0.001);
+                let ramp = 1.0 - y.clamp(0.0, 1.0);
+                let mix = ramp * self.ext_factor;
+                theta = theta_interp * (1.0 - mix) + theta_extrap * mix;
+                mscale *= 1.0 + 0.1 * (1.0 / self.freq_scale).ln();
+            }
+            out.push((theta.cos() * mscale, theta.sin() * mscale));
+            theta_base *= theta_scale;
+        }
+        out
+    }
+
+    /// Rotates every head of one token's vector x [n_heads * head_dim].
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, table: &[(f32, f32)]) {
+        let half = self.n_dims / 2;
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(c, s)) in table.iter().enumerate() {
+                let (a, b) = if self.neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Logical cores as a fallback when the physical count can't be read.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // /proc/cpuinfo lists (physical id, core id) per logical CPU on Linux; SMT siblings share it.
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let mut phys = "";
+    for line in info.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim() {
+                "physical id" => phys = v.trim(),
+                "core id" => {
+                    cores.insert((phys.to_string(), v.trim().to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
+/// Converts f16 values to f32 (for tests and tools).
+pub fn f16_to_f32(src: &[f16]) -> Vec<f32> {
+    let mut v = vec![0f32; src.len()];
+    src.convert_to_f32_slice(&mut v);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_matches_direct_formula_at_small_positions() {
+        let r = Rope::new(8, 10000.0, false);
+        let t = r.table(3);
+        for (i, &(c, s)) in t.iter().enumerate() {
+            let theta = 3.0f64 * 10000f64.powf(-2.0 * i as f64 / 8.0);
+            assert!((c as f64 - theta.cos()).abs() < 1e-5);
+            assert!((s as f64 - theta.sin()).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn rope_normal_and_neox_pairings() {
+        let mut x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let r = Rope::new(8, 10000.0, false);
+        // A quarter turn on the first pair only (theta = pos for i = 0).
+        let table = vec![(0.0, 1.0), (1.0, 0.0), (1.0, 0.0), (1.0, 0.0)];
+        r.apply(&mut x, 8, &table);
+        assert_eq!(&x[..2], &[-1.0, 0.0]);
+        let mut y: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let n = Rope::new(8, 10000.0, true);
+        n.apply(&mut y, 8, &table);
+        assert_eq!((y[0], y[4]), (-4.0, 0.0));
+    }
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut x = vec![3.0, 4.0, 0.0, 0.0];
+        rms_norm(&mut x, &[1.0, 1.0, 1.0, 1.0], 0.0);
+        let rms = (x.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn transpose_round_trip() {
+        let src: Vec<f32> = (0..35).map(|i| i as f32).collect();
+        let mut t = vec![0.0; 35];
+        transpose(&src, 5, 7, &mut t);
+        // Element (row 0, col 1) of the source is (row 1, col 0) of the transpose.
+        assert_eq!(t[5], src[1]);
+        let mut back = vec![0.0; 35];
+        transpose(&t, 7, 5, &mut back);
+        assert_eq!(back, src);
+    }
+}

@@ -1,0 +1,4 @@
+//! Compute backends. The CPU backend is the reference; device backends (CUDA, wgpu) will sit
+//! behind cargo features and implement the same operations over device-resident weights and KV.
+
+pub mod cpu;

@@ -1,0 +1,258 @@
+//! Paged KV cache.
+//!
+//! Keys and values live in fixed-size pages drawn from one pool per model, sized at load time.
+//! A sequence owns a page table ([`SeqCache`]); position `p` of a sequence lives in page
+//! `pages[p / page_size]`, slot `p % page_size`. Pages are reference counted so that a later fork
+//! can share a prefix copy-on-write; the scheduler issue builds batching, prefix caching and
+//! preemption on top of this.
+//!
+//! Storage is f16, as llama.cpp's default cache type: it halves memory and keeps our attention
+//! numerics close to the reference.
+
+use half::f16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvError {
+    #[error("KV cache is full: {needed} more pages needed, {free} free of {total}")]
+    OutOfPages {
+        needed: usize,
+        free: usize,
+        total: usize,
+    },
+    #[error("sequence would exceed the model context of {max} tokens (has {len}, adding {adding})")]
+    ContextFull {
+        len: usize,
+        adding: usize,
+        max: usize,
+    },
+}
+
+/// Shape of the cache for one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub n_layers: usize,
+    /// Width of one position's keys (n_head_kv * head_dim); values have the same width.
+    pub kv_dim: usize,
+    pub page_size: usize,
+    pub n_pages: usize,
+}
+
+impl KvLayout {
+    pub fn bytes(&self) -> usize {
+        // K and V, every layer, f16.
+        2 * self.n_layers * self.n_pages * self.page_size * self.kv_dim * 2
+    }
+}
+
+pub struct KvPool {
+    layout: KvLayout,
+    /// Per layer: keys [n_pages * page_size, kv_dim] f16.
+    keys: Vec<Vec<f16>>,
+    /// Per layer: values [n_pages * page_size, kv_dim] f16.
+    values: Vec<Vec<f16>>,
+    refcount: Vec<u32>,
+    free: Vec<u32>,
+}
+
+/// One sequence's view of the cache.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    pages: Vec<u32>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pages(&self) -> &[u32] {
+        &self.pages
+    }
+}
+
+impl KvPool {
+    pub fn new(layout: KvLayout) -> Self {
+        let per_layer = layout.n_pages * layout.page_size * layout.kv_dim;
+        let zeros = || vec![f16::ZERO; per_layer];
+        KvPool {
+            layout,
+            keys: (0..layout.n_layers).map(|_| zeros()).collect(),
+            values: (0..layout.n_layers).map(|_| zeros()).collect(),
+            refcount: vec![0; layout.n_pages],
+            // Pop from the end, so hand out low page numbers first.
+            free: (0..layout.n_pages as u32).rev().collect(),
+        }
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Grows `seq` so that it can hold `extra` more positions, allocating pages all-or-nothing.
+    pub fn reserve(&mut self, seq: &mut SeqCache, extra: usize) -> Result<(), KvError> {
+        let ps = self.layout.page_size;
+        let need_pages = (seq.len + extra)
+            .div_ceil(ps)
+            .saturating_sub(seq.pages.len());
+        if need_pages > self.free.len() {
+            return Err(KvError::OutOfPages {
+                needed: need_pages,
+                free: self.free.len(),
+                total: self.layout.n_pages,
+            });
+        }
+        for _ in 0..need_pages {
+            let p = self.free.pop().expect("checked above");
+            self.refcount[p as usize] = 1;
+            seq.pages.push(p);
+        }
+        Ok(())
+    }
+
+    /// Returns every page of `seq` to the pool (pages shared with another sequence stay).
+    pub fn release(&mut self, seq: &mut SeqCache) {
+        for p in std::mem::take(&mut seq.pages) {
+            self.unref(p);
+        }
+        seq.len = 0;
+    }
+
+    /// Forgets positions from `len` on, freeing pages that are no longer needed.
+    pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) {
+        if len >= seq.len {
+            return;
+        }
+        seq.len = len;
+        self.trim(seq);
+    }
+
+    /// Frees pages reserved beyond the sequence's current length (undoes a `reserve`).
+    pub fn trim(&mut self, seq: &mut SeqCache) {
+        let keep = seq.len.div_ceil(self.layout.page_size);
+        for p in seq.pages.drain(keep..) {
+            self.unref(p);
+        }
+    }
+
+    fn unref(&mut self, p: u32) {
+        let rc = &mut self.refcount[p as usize];
+        *rc -= 1;
+        if *rc == 0 {
+            self.free.push(p);
+        }
+    }
+
+    fn slot(&self, seq: &SeqCache, pos: usize) -> usize {
+        let ps = self.layout.page_size;
+        seq.pages[pos / ps] as usize * ps + pos % ps
+    }
+
+    /// Stores one position's keys and values for `layer` (the caller has reserved space).
+    pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
+        let d = self.layout.kv_dim;
+        let at = self.slot(seq, pos) * d;
+        for (dst, &src) in self.keys[layer][at..at + d].iter_mut().zip(k) {
+            *dst = f16::from_f32(src);
+        }
+        for (dst, &src) in self.values[layer][at..at + d].iter_mut().zip(v) {
+            *dst = f16::from_f32(src);
+        }
+    }
+
+    /// Keys and values of one position.
+    pub fn read(&self, layer: usize, seq: &SeqCache, pos: usize) -> (&[f16], &[f16]) {
+        let d = self.layout.kv_dim;
+        let at = self.slot(seq, pos) * d;
+        (
+            &self.keys[layer][at..at + d],
+            &self.values[layer][at..at + d],
+        )
+    }
+
+    /// Marks `n` positions written after the forward pass completes.
+    pub fn advance(&self, seq: &mut SeqCache, n: usize) {
+        debug_assert!(seq.len + n <= seq.pages.len() * self.layout.page_size);
+        seq.len += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n_pages: usize) -> KvPool {
+        KvPool::new(KvLayout {
+            n_layers: 2,
+            kv_dim: 4,
+            page_size: 4,
+            n_pages,
+        })
+    }
+
+    #[test]
+    fn reserve_write_read_release() {
+        let mut p = pool(3);
+        let mut s = SeqCache::new();
+        p.reserve(&mut s, 6).unwrap();
+        assert_eq!(s.pages().len(), 2);
+        assert_eq!(p.free_pages(), 1);
+        for pos in 0..6 {
+            let k = [pos as f32; 4];
+            let v = [-(pos as f32); 4];
+            p.write(1, &s, pos, &k, &v);
+        }
+        p.advance(&mut s, 6);
+        let (k, v) = p.read(1, &s, 5);
+        assert_eq!(k[0].to_f32(), 5.0);
+        assert_eq!(v[3].to_f32(), -5.0);
+        // Layer 0 untouched.
+        assert_eq!(p.read(0, &s, 5).0[0].to_f32(), 0.0);
+        p.release(&mut s);
+        assert_eq!(p.free_pages(), 3);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn out_of_pages_is_all_or_nothing() {
+        let mut p = pool(2);
+        let mut a = SeqCache::new();
+        let mut b = SeqCache::new();
+        p.reserve(&mut a, 5).unwrap();
+        let e = p.reserve(&mut b, 8).unwrap_err();
+        assert_eq!(
+            e,
+            KvError::OutOfPages {
+                needed: 2,
+                free: 0,
+                total: 2
+            }
+        );
+        assert!(b.pages().is_empty());
+    }
+
+    #[test]
+    fn truncate_frees_tail_pages() {
+        let mut p = pool(4);
+        let mut s = SeqCache::new();
+        p.reserve(&mut s, 12).unwrap();
+        p.advance(&mut s, 12);
+        p.truncate(&mut s, 5);
+        assert_eq!(s.len(), 5);
+        assert_eq!(s.pages().len(), 2);
+        assert_eq!(p.free_pages(), 2);
+    }
+}

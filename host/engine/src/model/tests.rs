@@ -1,0 +1,258 @@
+use std::path::PathBuf;
+
+use super::*;
+use crate::Session;
+use crate::gguf::writer::GgufWriter;
+use crate::gguf::{Value, ValueType};
+use crate::kv::SeqCache;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn tiny_llama() -> Model {
+    Model::load(
+        fixture("tiny-llama-mixed.gguf"),
+        &LoadOptions { threads: 2 },
+    )
+    .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn hparams_come_from_metadata() {
+    let m = tiny_llama();
+    let hp = &m.hparams;
+    assert_eq!(hp.arch, "llama");
+    assert_eq!(
+        (hp.n_embd, hp.n_layer, hp.n_head, hp.n_head_kv),
+        (256, 6, 4, 2)
+    );
+    assert_eq!((hp.head_dim, hp.n_ff, hp.n_vocab), (64, 512, 32000));
+    assert_eq!(hp.rope_base, 10000.0);
+}
+
+#[test]
+fn batched_sequences_equal_separate_runs() {
+    let m = tiny_llama();
+    let a: Vec<u32> = vec![1, 450, 382, 2593, 295, 23615];
+    let b: Vec<u32> = vec![1, 13, 29909];
+    // Separately.
+    let mut pool = m.new_kv_pool(64);
+    let (mut ca, mut cb) = (SeqCache::new(), SeqCache::new());
+    let la = m
+        .forward(
+            &mut pool,
+            &mut [SeqInput {
+                tokens: &a,
+                cache: &mut ca,
+                logits: LogitsWanted::Last,
+            }],
+        )
+        .unwrap();
+    let lb = m
+        .forward(
+            &mut pool,
+            &mut [SeqInput {
+                tokens: &b,
+                cache: &mut cb,
+                logits: LogitsWanted::Last,
+            }],
+        )
+        .unwrap();
+    // Together, in one pass over a fresh pool.
+    let mut pool2 = m.new_kv_pool(128);
+    let (mut ca2, mut cb2) = (SeqCache::new(), SeqCache::new());
+    let both = m
+        .forward(
+            &mut pool2,
+            &mut [
+                SeqInput {
+                    tokens: &a,
+                    cache: &mut ca2,
+                    logits: LogitsWanted::Last,
+                },
+                SeqInput {
+                    tokens: &b,
+                    cache: &mut cb2,
+                    logits: LogitsWanted::Last,
+                },
+            ],
+        )
+        .unwrap();
+    let v = m.hparams.n_vocab;
+    assert_eq!(both.len(), 2 * v);
+    // Activation quantization is per token row, so batching changes nothing but summation order.
+    assert!(
+        max_diff(&both[..v], &la) < 1e-3,
+        "{}",
+        max_diff(&both[..v], &la)
+    );
+    assert!(max_diff(&both[v..], &lb) < 1e-3);
+    // A decode step of one sequence next to a prefill of the other.
+    let next = [29901u32];
+    let step_alone = m
+        .forward(
+            &mut pool,
+            &mut [SeqInput {
+                tokens: &next,
+                cache: &mut cb,
+                logits: LogitsWanted::Last,
+            }],
+        )
+        .unwrap();
+    let mut cc = SeqCache::new();
+    let mixed = m
+        .forward(
+            &mut pool2,
+            &mut [
+                SeqInput {
+                    tokens: &a,
+                    cache: &mut cc,
+                    logits: LogitsWanted::None,
+                },
+                SeqInput {
+                    tokens: &next,
+                    cache: &mut cb2,
+                    logits: LogitsWanted::Last,
+                },
+            ],
+        )
+        .unwrap();
+    assert_eq!(mixed.len(), v);
+    assert!(max_diff(&mixed, &step_alone) < 1e-3);
+    assert_eq!(cc.len(), a.len());
+    assert_eq!(cb2.len(), b.len() + 1);
+}
+
+#[test]
+fn prefill_in_one_batch_equals_token_by_token() {
+    let m = tiny_llama();
+    let toks: Vec<u32> = vec![1, 450, 382, 2593, 295, 23615, 338, 5982];
+    let mut s1 = Session::new(&m, 16);
+    let all = s1.feed_all_logits(&toks).unwrap();
+    let mut s2 = Session::new(&m, 16);
+    let v = m.hparams.n_vocab;
+    for (i, &t) in toks.iter().enumerate() {
+        let l = s2.feed(&[t]).unwrap();
+        let d = max_diff(&l, &all[i * v..(i + 1) * v]);
+        assert!(d < 1e-3, "position {i}: {d}");
+    }
+}
+
+#[test]
+fn truncate_then_refeed_reproduces_logits() {
+    let m = tiny_llama();
+    let toks: Vec<u32> = vec![1, 450, 382, 2593, 295];
+    let mut s = Session::new(&m, 16);
+    let first = s.feed(&toks).unwrap();
+    s.truncate(3);
+    assert_eq!(s.len(), 3);
+    let again = s.feed(&toks[3..]).unwrap();
+    assert!(max_diff(&first, &again) < 1e-3);
+}
+
+#[test]
+fn bad_tokens_and_full_context_are_errors_and_change_nothing() {
+    let m = tiny_llama();
+    let mut pool = m.new_kv_pool(40);
+    let mut c = SeqCache::new();
+    let e = m
+        .forward(
+            &mut pool,
+            &mut [SeqInput {
+                tokens: &[1, 99_999],
+                cache: &mut c,
+                logits: LogitsWanted::Last,
+            }],
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::BadToken { token: 99_999, .. }), "{e}");
+    assert!(c.is_empty());
+    let long = vec![5u32; 65];
+    let free = pool.free_pages();
+    let e = m
+        .forward(
+            &mut pool,
+            &mut [SeqInput {
+                tokens: &long,
+                cache: &mut c,
+                logits: LogitsWanted::Last,
+            }],
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Kv(crate::kv::KvError::OutOfPages { .. })),
+        "{e}"
+    );
+    assert_eq!(pool.free_pages(), free);
+    assert!(c.is_empty());
+}
+
+fn minimal_gguf(arch: &str, with_tensors: bool) -> GgufFile {
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String(arch.into()));
+    for (k, v) in [
+        ("context_length", 64u32),
+        ("embedding_length", 32),
+        ("block_count", 1),
+        ("feed_forward_length", 64),
+        ("attention.head_count", 2),
+    ] {
+        w.set(format!("{arch}.{k}"), Value::U32(v));
+    }
+    w.set(
+        format!("{arch}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-5),
+    );
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(
+            ValueType::String,
+            (0..8).map(|i| Value::String(format!("t{i}"))).collect(),
+        ),
+    );
+    if with_tensors {
+        w.add_tensor(
+            "token_embd.weight",
+            crate::quant::GgmlType::F32,
+            &[32, 8],
+            crate::gguf::writer::TensorData::F32(vec![0.5; 256]),
+        );
+    }
+    let mut out = Vec::new();
+    w.write_to(&mut out).unwrap();
+    GgufFile::from_bytes(out).unwrap()
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let e = Model::from_gguf(minimal_gguf("mamba9", false), &LoadOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("mamba9"), "{e}");
+    assert!(e.to_string().contains("supported"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let e = Model::from_gguf(minimal_gguf("llama", true), &LoadOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("blk.0.attn_norm.weight"), "{e}");
+}
+
+#[test]
+fn missing_hyperparameter_is_named() {
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String("qwen2".into()));
+    let mut out = Vec::new();
+    w.write_to(&mut out).unwrap();
+    let e =
+        Model::from_gguf(GgufFile::from_bytes(out).unwrap(), &LoadOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("qwen2."), "{e}");
+}

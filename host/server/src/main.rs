@@ -1,0 +1,65 @@
+//! `realm`: the command-line front end (and, later, the server).
+
+mod bench;
+mod eval;
+mod synth;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "realm", version, about = "Multi-tenant LLM inference host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Evaluate prompts: prompt tokens, top logits and the greedy continuation, as JSON lines in
+    /// the format of the llama.cpp reference files.
+    Eval(eval::Args),
+    /// Measure prefill and decode speed (tokens/s, median of several runs) and peak memory.
+    Bench(bench::Args),
+    /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
+    Synth(synth::Args),
+    /// Print a GGUF file's metadata and tensor directory.
+    Info {
+        model: PathBuf,
+        /// Also list every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Info { model, tensors } => info(&model, tensors),
+    }
+}
+
+fn info(path: &std::path::Path, tensors: bool) -> Result<()> {
+    let f = realm_engine::gguf::GgufFile::open(path)?;
+    println!(
+        "GGUF v{}, {} metadata keys, {} tensors, {} bytes",
+        f.version,
+        f.metadata().len(),
+        f.tensors().len(),
+        f.file_size()
+    );
+    for (k, v) in f.metadata() {
+        println!("  {k} = {v}");
+    }
+    if tensors {
+        for t in f.tensors() {
+            println!("  {:<40} {:>6} {:?}", t.name, t.ty.name(), t.shape);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Installs what it needs (Rust target from rust-toolchain.toml, the default model), then checks
+# formatting and lints and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s ==\n' "$*" >&2; }
+
+step "toolchain"
+# rust-toolchain.toml pins the compiler and the wasm32-wasip2 target; rustup installs both on
+# first use.
+rustc --version >&2
+cargo --version >&2
+
+step "default model"
+scripts/fetch-model.sh >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace -- --test-threads 2
+
+step "fetch-model script against a local package index"
+scripts/test-fetch-model.sh
