@@ -121,16 +121,32 @@ impl CpuBackend {
         p: &AttnParams,
     ) {
         let hd = p.head_dim;
+        let kvd = p.n_head_kv * hd;
         let group = p.n_head / p.n_head_kv;
+        let n = out.len() / (p.n_head * hd);
+        let lo_of = |pos: usize| match p.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        // Values of every position any query here can see, converted to f32 once rather than
+        // once per query: [pos - base, kv_dim].
+        let base = lo_of(pos0);
+        let end = pos0 + n;
+        let mut values = vec![0f32; (end - base) * kvd];
+        let convert = |(i, row): (usize, &mut [f32])| {
+            kv.read(layer, seq, base + i).1.convert_to_f32_slice(row);
+        };
+        if n > 1 {
+            values.par_chunks_mut(kvd).enumerate().for_each(convert);
+        } else {
+            values.chunks_mut(kvd).enumerate().for_each(convert);
+        }
         let f16k = quant::kernels(GgmlType::F16);
         let work = |(i, o): (usize, &mut [f32])| {
             let (t, h) = (i / p.n_head, i % p.n_head);
             let pos = pos0 + t;
             let kvh = h / group;
-            let lo = match p.window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
-            };
+            let lo = lo_of(pos);
             let qh = &q[i * hd..(i + 1) * hd];
             // Keys are f16: the query is rounded to f16 too and the dot runs in the F16 kernel,
             // as llama.cpp's KQ product does.
@@ -152,16 +168,12 @@ impl CpuBackend {
             }
             let inv = 1.0 / sum;
             o.fill(0.0);
-            let mut vrow = vec![0f32; hd];
             for (j, &s) in (lo..=pos).zip(&scores) {
-                let (_, vr) = kv.read(layer, seq, j);
-                vr[kvh * hd..(kvh + 1) * hd].convert_to_f32_slice(&mut vrow);
                 // The probabilities meet f16 values, so llama.cpp rounds them to f16 for the
                 // product; doing the same keeps long contexts in step with the reference.
                 let w = f16::from_f32(s * inv).to_f32();
-                for (acc, v) in o.iter_mut().zip(&vrow) {
-                    *acc += w * v;
-                }
+                let at = (j - base) * kvd + kvh * hd;
+                axpy(o, w, &values[at..at + hd]);
             }
         };
         if out.len() / hd >= 2 * self.threads {
@@ -169,6 +181,20 @@ impl CpuBackend {
         } else {
             out.chunks_mut(hd).enumerate().for_each(work);
         }
+    }
+}
+
+/// acc += w * x, in chunks the compiler keeps in vector registers.
+fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+    let mut a = acc.chunks_exact_mut(8);
+    let mut b = x.chunks_exact(8);
+    for (a8, b8) in (&mut a).zip(&mut b) {
+        for (p, v) in a8.iter_mut().zip(b8) {
+            *p += w * v;
+        }
+    }
+    for (p, v) in a.into_remainder().iter_mut().zip(b.remainder()) {
+        *p += w * v;
     }
 }
 
