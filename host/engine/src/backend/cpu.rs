@@ -10,9 +10,9 @@ use crate::gguf::TensorView;
 use crate::kv::{KvPool, SeqCache};
 use crate::quant::{self, GgmlType};
 
-/// Tokens processed together against one block of weight rows: the rows stay in L1 while every
-/// token of the block is multiplied with them.
-const TOKEN_BLOCK: usize = 16;
+/// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
+/// task's weight rows stream past them.
+const TOKEN_BLOCK: usize = 64;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -76,7 +76,9 @@ impl CpuBackend {
             });
             return;
         }
-        // Transposed result [m, n], so that each task owns a contiguous block of rows.
+        // Transposed result [m, n], so that each task owns a contiguous block of rows. Each task
+        // hands its rows and all tokens to the tiled kernel, which unpacks every weight block
+        // once per register tile instead of once per token.
         let mut yt = vec![0f32; m * n];
         yt.par_chunks_mut(chunk * n)
             .enumerate()
@@ -84,17 +86,65 @@ impl CpuBackend {
                 let r0 = ci * chunk;
                 let rows = ys.len() / n;
                 for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                    let t1 = (t0 + TOKEN_BLOCK).min(n);
-                    for ri in 0..rows {
-                        let r = r0 + ri;
-                        let wr = &wd[r * rb..(r + 1) * rb];
-                        for t in t0..t1 {
-                            ys[ri * n + t] = (kern.vec_dot)(k, wr, &xq[t * arb..(t + 1) * arb]);
-                        }
-                    }
+                    let cols = TOKEN_BLOCK.min(n - t0);
+                    (kern.gemm)(
+                        k,
+                        &wd[r0 * rb..(r0 + rows) * rb],
+                        rb,
+                        rows,
+                        &xq[t0 * arb..(t0 + cols) * arb],
+                        arb,
+                        cols,
+                        &mut ys[t0..],
+                        n,
+                    );
                 }
             });
         transpose(&yt, m, n, y);
+    }
+
+    /// Several products of the same input (Q/K/V, gate/up). A decode step's products are small,
+    /// so they share one parallel region: each region costs a wake-up of the worker threads,
+    /// which is a visible fraction of a 640-wide layer.
+    pub fn matmuls(&self, jobs: &mut [(&TensorView, &mut [f32])], x: &[f32], n: usize) {
+        if n > 1 {
+            for (w, y) in jobs.iter_mut() {
+                self.matmul(w, x, n, y);
+            }
+            return;
+        }
+        struct Job<'a> {
+            w: &'a TensorView,
+            kern: quant::Kernels,
+            xq: Vec<u8>,
+        }
+        let prepared: Vec<Job> = jobs
+            .iter()
+            .map(|(w, _)| {
+                let kern = quant::kernels(w.ty);
+                let arb = kern
+                    .act_type
+                    .row_bytes(w.row_len())
+                    .expect("weight rows are whole blocks");
+                let mut xq = vec![0u8; arb];
+                (kern.quantize_act)(x, &mut xq);
+                Job { w, kern, xq }
+            })
+            .collect();
+        let mut tasks: Vec<(&Job, usize, &mut [f32])> = Vec::new();
+        for (job, (_, y)) in prepared.iter().zip(jobs.iter_mut()) {
+            let chunk = rows_per_task(job.w.n_rows(), self.threads);
+            for (ci, ys) in y.chunks_mut(chunk).enumerate() {
+                tasks.push((job, ci * chunk, ys));
+            }
+        }
+        tasks.into_par_iter().for_each(|(job, r0, ys)| {
+            let (k, rb, wd) = (job.w.row_len(), job.w.row_bytes(), job.w.data());
+            for (i, out) in ys.iter_mut().enumerate() {
+                let r = r0 + i;
+                *out = (job.kern.vec_dot)(k, &wd[r * rb..(r + 1) * rb], &job.xq);
+            }
+        });
     }
 
     /// Adds a bias vector (F32 tensor of length m) to every row of y[n, m].
@@ -248,8 +298,9 @@ pub fn to_f32_vec(w: &TensorView) -> Vec<f32> {
 /// RMS normalisation of every row of x (width = weight.len()), in place, times the weight.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(weight.len()) {
-        // f64 accumulation, as ggml does: rows of thousands of values lose bits in f32.
-        let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        // f32 squares summed in f64, exactly as ggml: rows of thousands of values lose bits in an
+        // f32 sum, and matching the reference's rounding keeps logits in step with it.
+        let ss: f64 = row.iter().map(|&v| (v * v) as f64).sum();
         let scale = 1.0 / ((ss / row.len() as f64) as f32 + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
             *v = *v * scale * w;

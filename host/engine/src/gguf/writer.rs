@@ -5,6 +5,8 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use super::{DEFAULT_ALIGNMENT, GGUF_MAGIC, Value, ValueType};
 use crate::quant::{self, GgmlType, QuantError};
 
@@ -203,9 +205,10 @@ fn quantize(name: &str, ty: GgmlType, shape: &[usize], v: &[f32]) -> Result<Vec<
     let row = shape[0];
     let rb = ty.row_bytes(row).expect("checked by write_to");
     let mut out = vec![0u8; rb * (n / row)];
-    for (src, dst) in v.chunks_exact(row).zip(out.chunks_exact_mut(rb)) {
-        quant::quantize_row(ty, src, dst)?;
-    }
+    // Rows are independent; K-quant scale searches make this the slow part of writing a model.
+    out.par_chunks_exact_mut(rb)
+        .zip(v.par_chunks_exact(row))
+        .try_for_each(|(dst, src)| quant::quantize_row(ty, src, dst))?;
     Ok(out)
 }
 

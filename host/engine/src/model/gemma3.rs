@@ -64,7 +64,7 @@ impl Gemma3 {
             Some(_) => weight(f, "output.weight", &[d, hp.n_vocab])?,
             None => tok_embd.clone(),
         };
-        let mut layers = Vec::with_capacity(hp.n_layer);
+        let mut layers = Vec::new();
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(Layer {
@@ -140,9 +140,11 @@ impl Architecture for Gemma3 {
                 (&self.rope_global, &self.attn_global)
             };
             cpu::rms_norm_into(&x, &l.attn_norm, hp.rms_eps, &mut h);
-            be.matmul(&l.wq, &h, n, &mut q);
-            be.matmul(&l.wk, &h, n, &mut k);
-            be.matmul(&l.wv, &h, n, &mut v);
+            be.matmuls(
+                &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+                &h,
+                n,
+            );
             debug_tensor(&format!("attn_norm-{il}"), &h, d);
             debug_tensor(&format!("Qcur-{il}"), &q, qd);
             debug_tensor(&format!("Vcur-{il}"), &v, kvd);
@@ -159,8 +161,7 @@ impl Architecture for Gemma3 {
             debug_tensor(&format!("sa_out-{il}"), &x, d);
 
             cpu::rms_norm_into(&x, &l.ffn_norm, hp.rms_eps, &mut h);
-            be.matmul(&l.w_gate, &h, n, &mut g);
-            be.matmul(&l.w_up, &h, n, &mut u);
+            be.matmuls(&mut [(&l.w_gate, &mut g), (&l.w_up, &mut u)], &h, n);
             cpu::gelu_mul(&mut g, &u);
             debug_tensor(&format!("ffn_geglu-{il}"), &g, ff);
             be.matmul(&l.w_down, &g, n, &mut o);

@@ -41,7 +41,7 @@ impl Llama {
             Some(_) => weight(f, "output.weight", &[d, hp.n_vocab])?,
             None => tok_embd.clone(),
         };
-        let mut layers = Vec::with_capacity(hp.n_layer);
+        let mut layers = Vec::new();
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(Layer {
@@ -95,9 +95,11 @@ impl Architecture for Llama {
 
         for (il, l) in self.layers.iter().enumerate() {
             cpu::rms_norm_into(&x, &l.attn_norm, hp.rms_eps, &mut h);
-            be.matmul(&l.wq, &h, n, &mut q);
-            be.matmul(&l.wk, &h, n, &mut k);
-            be.matmul(&l.wv, &h, n, &mut v);
+            be.matmuls(
+                &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+                &h,
+                n,
+            );
             rope_rows(&self.rope, &mut q, hd, batch);
             rope_rows(&self.rope, &mut k, hd, batch);
             let a = attend(be, kv, il, batch, inputs, &q, &k, &v, &self.attn); // [n, qd]
@@ -105,8 +107,7 @@ impl Architecture for Llama {
             cpu::add_in_place(&mut x, &o);
 
             cpu::rms_norm_into(&x, &l.ffn_norm, hp.rms_eps, &mut h);
-            be.matmul(&l.w_gate, &h, n, &mut g);
-            be.matmul(&l.w_up, &h, n, &mut u);
+            be.matmuls(&mut [(&l.w_gate, &mut g), (&l.w_up, &mut u)], &h, n);
             cpu::silu_mul(&mut g, &u);
             be.matmul(&l.w_down, &g, n, &mut o);
             cpu::add_in_place(&mut x, &o);

@@ -85,7 +85,7 @@ impl Hparams {
                 Some((t.to_string(), factor, orig))
             }
         };
-        Ok(Hparams {
+        let hp = Hparams {
             name: f.opt_str("general.name")?.unwrap_or("unnamed").to_string(),
             n_vocab,
             n_ctx_train: f.get_u64(&key("context_length"))? as usize,
@@ -105,7 +105,50 @@ impl Hparams {
                 .opt_u64(&key("attention.sliding_window"))?
                 .map(|v| v as usize),
             arch,
-        })
+        };
+        hp.validate()?;
+        Ok(hp)
+    }
+
+    /// Rejects values no real model has, before anything is sized by them: a hostile file must
+    /// not make the loader allocate terabytes or overflow a product.
+    fn validate(&self) -> Result<(), Error> {
+        const MAX_DIM: usize = 1 << 20;
+        const MAX_LAYERS: usize = 1 << 12;
+        let dims = [
+            ("embedding_length", self.n_embd, MAX_DIM),
+            ("block_count", self.n_layer, MAX_LAYERS),
+            ("attention.head_count", self.n_head, MAX_DIM),
+            ("attention.key_length", self.head_dim, MAX_DIM),
+            ("feed_forward_length", self.n_ff, MAX_DIM),
+            ("rope.dimension_count", self.rope_dims, MAX_DIM),
+            ("vocabulary size", self.n_vocab, 1 << 24),
+        ];
+        for (what, v, max) in dims {
+            if v == 0 || v > max {
+                return Err(Error::BadModel(format!(
+                    "{}.{what} = {v} is out of range (1 to {max})",
+                    self.arch
+                )));
+            }
+        }
+        if self
+            .n_head
+            .checked_mul(self.head_dim)
+            .is_none_or(|v| v > MAX_DIM)
+        {
+            return Err(Error::BadModel(format!(
+                "{} heads of {} dimensions is out of range",
+                self.n_head, self.head_dim
+            )));
+        }
+        if self.rope_dims > self.head_dim {
+            return Err(Error::BadModel(format!(
+                "rope.dimension_count {} exceeds the head size {}",
+                self.rope_dims, self.head_dim
+            )));
+        }
+        Ok(())
     }
 
     pub fn kv_dim(&self) -> usize {

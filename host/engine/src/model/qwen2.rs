@@ -43,7 +43,7 @@ impl Qwen2 {
             Some(_) => weight(f, "output.weight", &[d, hp.n_vocab])?,
             None => tok_embd.clone(),
         };
-        let mut layers = Vec::with_capacity(hp.n_layer);
+        let mut layers = Vec::new();
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(Layer {
@@ -96,11 +96,13 @@ impl Architecture for Qwen2 {
 
         for (il, l) in self.layers.iter().enumerate() {
             cpu::rms_norm_into(&x, &l.attn_norm, hp.rms_eps, &mut h);
-            be.matmul(&l.wq, &h, n, &mut q);
+            be.matmuls(
+                &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+                &h,
+                n,
+            );
             be.add_bias(&mut q, &l.bq);
-            be.matmul(&l.wk, &h, n, &mut k);
             be.add_bias(&mut k, &l.bk);
-            be.matmul(&l.wv, &h, n, &mut v);
             be.add_bias(&mut v, &l.bv);
             rope_rows(&self.rope, &mut q, hd, batch);
             rope_rows(&self.rope, &mut k, hd, batch);
@@ -109,8 +111,7 @@ impl Architecture for Qwen2 {
             cpu::add_in_place(&mut x, &o);
 
             cpu::rms_norm_into(&x, &l.ffn_norm, hp.rms_eps, &mut h);
-            be.matmul(&l.w_gate, &h, n, &mut g);
-            be.matmul(&l.w_up, &h, n, &mut u);
+            be.matmuls(&mut [(&l.w_gate, &mut g), (&l.w_up, &mut u)], &h, n);
             cpu::silu_mul(&mut g, &u);
             be.matmul(&l.w_down, &g, n, &mut o);
             cpu::add_in_place(&mut x, &o);

@@ -27,6 +27,25 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Prefill rows go through the tiled gemm kernels and decode rows through vec_dot; both compute
+/// the same integer sums but add the f32 block results in a different order, and in this random
+/// 6-layer model a one-ulp difference can flip a later 8-bit activation rounding. So the two
+/// paths agree to this bound (measured worst: 0.27), and on the winner wherever it is clear.
+const PATH_TOLERANCE: f32 = 0.5;
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    let d = max_diff(got, want);
+    assert!(d <= PATH_TOLERANCE, "{what}: logits differ by {d}");
+    let top = crate::session::top_k(want, 2);
+    if top[0].1 - top[1].1 > 2.0 * PATH_TOLERANCE {
+        assert_eq!(
+            crate::session::argmax(got),
+            top[0].0,
+            "{what}: different winner"
+        );
+    }
+}
+
 #[test]
 fn hparams_come_from_metadata() {
     let m = tiny_llama();
@@ -128,7 +147,7 @@ fn batched_sequences_equal_separate_runs() {
         )
         .unwrap();
     assert_eq!(mixed.len(), v);
-    assert!(max_diff(&mixed, &step_alone) < 1e-3);
+    assert_close(&mixed, &step_alone, "decode beside a prefill");
     assert_eq!(cc.len(), a.len());
     assert_eq!(cb2.len(), b.len() + 1);
 }
@@ -143,8 +162,7 @@ fn prefill_in_one_batch_equals_token_by_token() {
     let v = m.hparams.n_vocab;
     for (i, &t) in toks.iter().enumerate() {
         let l = s2.feed(&[t]).unwrap();
-        let d = max_diff(&l, &all[i * v..(i + 1) * v]);
-        assert!(d < 1e-3, "position {i}: {d}");
+        assert_close(&l, &all[i * v..(i + 1) * v], &format!("position {i}"));
     }
 }
 
@@ -198,6 +216,10 @@ fn bad_tokens_and_full_context_are_errors_and_change_nothing() {
 }
 
 fn minimal_gguf(arch: &str, with_tensors: bool) -> GgufFile {
+    minimal_gguf_with(arch, with_tensors, &[])
+}
+
+fn minimal_gguf_with(arch: &str, with_tensors: bool, extra: &[(&str, Value)]) -> GgufFile {
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String(arch.into()));
     for (k, v) in [
@@ -220,6 +242,9 @@ fn minimal_gguf(arch: &str, with_tensors: bool) -> GgufFile {
             (0..8).map(|i| Value::String(format!("t{i}"))).collect(),
         ),
     );
+    for (k, v) in extra {
+        w.set(format!("{arch}.{k}"), v.clone());
+    }
     if with_tensors {
         w.add_tensor(
             "token_embd.weight",
@@ -255,4 +280,23 @@ fn missing_hyperparameter_is_named() {
     let e =
         Model::from_gguf(GgufFile::from_bytes(out).unwrap(), &LoadOptions::default()).unwrap_err();
     assert!(e.to_string().contains("qwen2."), "{e}");
+}
+
+/// Found by fuzzing: hyperparameters that size allocations or overflow products are refused
+/// up front instead of aborting the process.
+#[test]
+fn absurd_hyperparameters_are_refused() {
+    let cases: [(&str, Value); 4] = [
+        ("block_count", Value::U32(u32::MAX)),
+        ("attention.key_length", Value::U64(1 << 62)),
+        ("feed_forward_length", Value::U32(0)),
+        ("embedding_length", Value::U64(u64::MAX)),
+    ];
+    for (key, value) in cases {
+        for arch in ["llama", "qwen2", "gemma3"] {
+            let f = minimal_gguf_with(arch, true, &[(key, value.clone())]);
+            let e = Model::from_gguf(f, &LoadOptions::default()).unwrap_err();
+            assert!(matches!(e, Error::BadModel(_)), "{arch} {key}: {e}");
+        }
+    }
 }

@@ -10,8 +10,8 @@
 
 use std::arch::x86_64::*;
 
-use crate::quant::scalar::{self, check_vec_dot};
-use crate::quant::{GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
+use crate::quant::scalar::{self, check_vec_dot, gemm_loop};
+use crate::quant::{GemmFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -42,6 +42,50 @@ pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
         GgmlType::Q8_1 => return None,
     })
 }
+
+/// The AVX2 gemm for `ty`: the register-tiled kernel of `avx2_gemm.rs` where there is one, else
+/// a loop over this file's vec_dot; `None` if this CPU can't run it or there is no AVX2 vec_dot.
+pub(super) fn gemm_fn(ty: GgmlType) -> Option<GemmFn> {
+    if !available() {
+        return None;
+    }
+    if let Some(f) = super::avx2_gemm::gemm_fn(ty) {
+        return Some(f);
+    }
+    Some(match ty {
+        GgmlType::F32 => gemm_f32,
+        GgmlType::F16 => gemm_f16,
+        GgmlType::BF16 => gemm_bf16,
+        GgmlType::Q4_0 => gemm_q4_0,
+        GgmlType::Q4_1 => gemm_q4_1,
+        GgmlType::Q5_0 => gemm_q5_0,
+        GgmlType::Q5_1 => gemm_q5_1,
+        GgmlType::Q8_0 => gemm_q8_0,
+        GgmlType::Q2K => gemm_q2k,
+        GgmlType::Q3K => gemm_q3k,
+        GgmlType::Q4K => gemm_q4k,
+        GgmlType::Q5K => gemm_q5k,
+        GgmlType::Q6K => gemm_q6k,
+        GgmlType::Q8K => gemm_q8k,
+        GgmlType::Q8_1 => return None,
+    })
+}
+
+// Loops over the vec_dots below, for the formats without a tiled gemm.
+gemm_loop!(gemm_f32, dot_f32, GgmlType::F32);
+gemm_loop!(gemm_f16, dot_f16, GgmlType::F16);
+gemm_loop!(gemm_bf16, dot_bf16, GgmlType::BF16);
+gemm_loop!(gemm_q4_0, dot_q4_0, GgmlType::Q4_0);
+gemm_loop!(gemm_q4_1, dot_q4_1, GgmlType::Q4_1);
+gemm_loop!(gemm_q5_0, dot_q5_0, GgmlType::Q5_0);
+gemm_loop!(gemm_q5_1, dot_q5_1, GgmlType::Q5_1);
+gemm_loop!(gemm_q8_0, dot_q8_0, GgmlType::Q8_0);
+gemm_loop!(gemm_q2k, dot_q2k, GgmlType::Q2K);
+gemm_loop!(gemm_q3k, dot_q3k, GgmlType::Q3K);
+gemm_loop!(gemm_q4k, dot_q4k, GgmlType::Q4K);
+gemm_loop!(gemm_q5k, dot_q5k, GgmlType::Q5K);
+gemm_loop!(gemm_q6k, dot_q6k, GgmlType::Q6K);
+gemm_loop!(gemm_q8k, dot_q8k, GgmlType::Q8K);
 
 /// The AVX2 activation quantizer for `act`, if there is one and this CPU can run it.
 pub(super) fn quantize_act_fn(act: GgmlType) -> Option<QuantizeActFn> {
@@ -128,7 +172,7 @@ fn hmax_ps(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32(v: __m256i) -> i32 {
+pub(super) fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
@@ -234,7 +278,7 @@ fn mul_sum_u8(u: __m256i, y: __m256i) -> __m256i {
 /// 16 packed nibbles → 32 bytes: low nibbles (elements 0..16) then high (16..32).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles(q: __m128i) -> __m256i {
+pub(super) fn nibbles(q: __m128i) -> __m256i {
     _mm256_and_si256(
         _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
         _mm256_set1_epi8(0x0F),
@@ -244,7 +288,7 @@ fn nibbles(q: __m128i) -> __m256i {
 /// Bit j of `bits` → byte j = 0xFF if set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bytes_from_bits(bits: u32) -> __m256i {
+pub(super) fn bytes_from_bits(bits: u32) -> __m256i {
     let x = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
         _mm256_setr_epi64x(

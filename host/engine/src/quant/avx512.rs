@@ -15,8 +15,8 @@
 use std::arch::x86_64::*;
 
 use crate::quant::avx2;
-use crate::quant::scalar::check_vec_dot;
-use crate::quant::{GgmlType, VecDotFn};
+use crate::quant::scalar::{check_vec_dot, gemm_loop};
+use crate::quant::{GemmFn, GgmlType, VecDotFn};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -47,6 +47,24 @@ pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
         _ => return None,
     })
 }
+
+/// A loop over the AVX-512 vec_dot of `ty`, for the formats that have one; the dispatcher
+/// prefers AVX2's tiled gemm where that exists.
+pub(super) fn gemm_fn(ty: GgmlType) -> Option<GemmFn> {
+    vec_dot_fn(ty)?;
+    Some(match ty {
+        GgmlType::F16 => gemm_f16,
+        GgmlType::Q5_0 => gemm_q5_0,
+        GgmlType::Q6K => gemm_q6k,
+        GgmlType::Q8K => gemm_q8k,
+        _ => return None,
+    })
+}
+
+gemm_loop!(gemm_f16, dot_f16, GgmlType::F16);
+gemm_loop!(gemm_q5_0, dot_q5_0, GgmlType::Q5_0);
+gemm_loop!(gemm_q6k, dot_q6k, GgmlType::Q6K);
+gemm_loop!(gemm_q8k, dot_q8k, GgmlType::Q8K);
 
 macro_rules! entry {
     ($safe:ident, $imp:ident, $ty:expr) => {

@@ -1,6 +1,6 @@
-//! Throughput benchmark, ignored by default. Run optimised:
-//! `cargo test --release -- --ignored --nocapture quant_bench`
-//! (`QUANT_BENCH_TYPES=Q4_K,Q8_0` limits the types).
+//! Throughput benchmarks, ignored by default. Run optimised:
+//! `cargo test --release -p realm-engine --lib -- --ignored --nocapture quant_bench`
+//! (`gemm_bench` for the matrix-matrix kernels; `QUANT_BENCH_TYPES=Q4_K,Q8_0` limits the types).
 //!
 //! Reports GB/s of weight bytes streamed through `vec_dot` on one thread (best of 7 trials):
 //! "hot" keeps the weight matrix in L2 (the kernel's own speed; n = 640 is Gemma 3 270M's row
@@ -133,5 +133,144 @@ fn quant_bench() {
             let rate = (iters * 4096) as f64 / start.elapsed().as_secs_f64() / 1e6;
             println!("{:<6} {:<8} {:10.0}", act.name(), isa.name(), rate);
         }
+    }
+}
+
+/// `rows` rows of `k` elements of `ty`: a few quantized random rows, tiled.
+fn weight_matrix(ty: GgmlType, k: usize, rows: usize, rng: &mut SmallRng) -> Vec<u8> {
+    let rb = ty.row_bytes(k).unwrap();
+    let mut tile = Vec::new();
+    for _ in 0..8 {
+        let x: Vec<f32> = (0..k).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+        let mut q = vec![0u8; rb];
+        quantize_row(ty, &x, &mut q).unwrap();
+        tile.extend_from_slice(&q);
+    }
+    tile.iter().copied().cycle().take(rows * rb).collect()
+}
+
+/// Best GMAC/s (k·rows·cols multiply-adds per second) of each of `fs` over several trials. The
+/// variants take turns, so that load from other processes on a shared machine hits all of them
+/// alike, and the best trial of each is what the kernel can do.
+fn gmacs<const V: usize>(macs: usize, fs: [&mut dyn FnMut(); V]) -> [f64; V] {
+    let mut fs = fs;
+    for f in fs.iter_mut() {
+        f();
+    }
+    let mut best = [0f64; V];
+    for _ in 0..9 {
+        for (f, b) in fs.iter_mut().zip(best.iter_mut()) {
+            let start = Instant::now();
+            let mut passes = 0usize;
+            while passes < 2 || start.elapsed() < Duration::from_millis(60) {
+                f();
+                passes += 1;
+            }
+            *b = b.max((passes * macs) as f64 / start.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    best
+}
+
+/// Prefill matmul throughput, one thread: (a) `vec_dot` per (row, token), tokens in blocks of
+/// 16 per weight row (the CPU backend's loop before gemm), against (b) `gemm` over the whole
+/// matrix in one call and (c) `gemm` called on 64-row × 64-token tiles.
+#[test]
+#[ignore]
+fn gemm_bench() {
+    let only: Option<Vec<GgmlType>> = std::env::var("QUANT_BENCH_TYPES")
+        .ok()
+        .map(|s| s.split(',').filter_map(GgmlType::from_name).collect());
+    println!(
+        "detected {:?}; GMAC/s = k·rows·cols / time, one thread, best of 5",
+        detected_isa()
+    );
+    println!(
+        "{:<6} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10} {:>8}",
+        "type", "k", "rows", "cols", "vec_dot", "gemm", "gemm 64²", "speedup"
+    );
+    let mut rng = SmallRng::seed_from_u64(2);
+    let shapes = [
+        (GgmlType::Q5_0, 640, 2048, 128),
+        (GgmlType::Q8_0, 640, 2048, 128),
+        (GgmlType::Q4_0, 640, 2048, 128),
+        (GgmlType::Q4_1, 640, 2048, 128),
+        (GgmlType::Q5_1, 640, 2048, 128),
+        (GgmlType::Q8_0, 2048, 640, 128),
+        (GgmlType::Q4K, 2048, 640, 128),
+        (GgmlType::Q6K, 2048, 640, 128),
+        (GgmlType::Q5K, 2048, 640, 128),
+        (GgmlType::Q3K, 2048, 640, 128),
+        (GgmlType::Q2K, 2048, 640, 128),
+        // One token (decode): gemm over a single activation row against the plain matvec.
+        (GgmlType::Q5_0, 640, 2048, 1),
+        (GgmlType::Q8_0, 640, 2048, 1),
+        (GgmlType::Q4K, 2048, 640, 1),
+        (GgmlType::Q6K, 2048, 640, 1),
+    ];
+    for (ty, k, rows, cols) in shapes {
+        if only.as_ref().is_some_and(|o| !o.contains(&ty)) {
+            continue;
+        }
+        let kern = kernels(ty);
+        let w = weight_matrix(ty, k, rows, &mut rng);
+        let wrb = ty.row_bytes(k).unwrap();
+        let arb = kern.act_type.row_bytes(k).unwrap();
+        let mut a = vec![0u8; cols * arb];
+        for row in a.chunks_exact_mut(arb) {
+            let x: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            (kern.quantize_act)(&x, row);
+        }
+        let mut out = vec![0f32; rows * cols];
+        let macs = k * rows * cols;
+        let mut out2 = out.clone();
+        let mut out3 = out.clone();
+        let mut looped = || {
+            for t0 in (0..cols).step_by(16) {
+                for r in 0..rows {
+                    let wr = &w[r * wrb..(r + 1) * wrb];
+                    for t in t0..(t0 + 16).min(cols) {
+                        out[r * cols + t] = (kern.vec_dot)(k, wr, &a[t * arb..(t + 1) * arb]);
+                    }
+                }
+            }
+            black_box(&mut out);
+        };
+        let mut whole = || {
+            (kern.gemm)(k, &w, wrb, rows, &a, arb, cols, &mut out2, cols);
+            black_box(&mut out2);
+        };
+        let mut tiled = || {
+            for r0 in (0..rows).step_by(64) {
+                let nr = (rows - r0).min(64);
+                for c0 in (0..cols).step_by(64) {
+                    let nc = (cols - c0).min(64);
+                    (kern.gemm)(
+                        k,
+                        &w[r0 * wrb..],
+                        wrb,
+                        nr,
+                        &a[c0 * arb..],
+                        arb,
+                        nc,
+                        &mut out3[r0 * cols + c0..],
+                        cols,
+                    );
+                }
+            }
+            black_box(&mut out3);
+        };
+        let [looped, whole, tiled] = gmacs(macs, [&mut looped, &mut whole, &mut tiled]);
+        println!(
+            "{:<6} {:>5} {:>5} {:>5} {:10.1} {:10.1} {:10.1} {:7.2}x",
+            ty.name(),
+            k,
+            rows,
+            cols,
+            looped,
+            whole,
+            tiled,
+            whole.max(tiled) / looped
+        );
     }
 }

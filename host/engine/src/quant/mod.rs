@@ -31,11 +31,24 @@
 //!
 //! A matrix-vector product converts the activation row once with `quantize_act` into
 //! `act_type` (= [`GgmlType::vec_dot_type`]) and then calls `vec_dot` once per weight row.
+//!
+//! # Matrix-matrix products
+//! A batch of activation rows (prefill) goes through `gemm` instead: it computes a whole tile of
+//! weight rows × activation rows and is defined as exactly `vec_dot` for every pair (the same
+//! per-block integer sums, scaled the same way; only the order of the f32 additions differs).
+//! The scalar level (and any format without a tiled kernel) simply loops over `vec_dot`. The
+//! AVX2 kernels (`avx2_gemm.rs`) unpack every weight block and activation block once per call
+//! into layouts that let several `maddubs` share one widening `madd` and one f32 scaling, then
+//! run a microkernel of one weight row × four activation rows over cache-sized blocks of both, so
+//! each unpacked block is reused many times from L1. Callers should hand over many weight rows and
+//! up to 64 activation rows per call: the per-call unpacking is amortised over both.
 
 mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_gemm;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -267,10 +280,10 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         });
     }
     match ty {
-        // The activation formats have SIMD quantizers that are byte-identical to the reference.
-        GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::F16 | GgmlType::BF16 => {
-            (kernels(ty).quantize_act)(src, dst)
-        }
+        // These activation quantizers are byte-identical to the reference one, so use the fast
+        // ones. Q8_0 and Q8_1 activations follow llama.cpp's x86 rounding instead, which is not
+        // the reference quantizer that weights are written with.
+        GgmlType::Q8K | GgmlType::F16 | GgmlType::BF16 => (kernels(ty).quantize_act)(src, dst),
         _ => scalar::quantize(ty, src, dst),
     }
     Ok(())
@@ -351,6 +364,23 @@ pub fn detected_isa() -> Isa {
 pub type VecDotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 /// f32 activations → `act_type` bytes (`dst` exactly `act_type.row_bytes(src.len())` long).
 pub type QuantizeActFn = fn(src: &[f32], dst: &mut [u8]);
+/// Tiled matrix product of `rows` weight rows with `cols` activation rows:
+/// `out[r * out_stride + c] = vec_dot(k, &w[r * w_stride..], &act[c * act_stride..])` for
+/// `r < rows`, `c < cols`, with exactly the same integer sums as `vec_dot` (the f32 results may
+/// differ only by the order of accumulation). Strides are in bytes for `w`/`act` and in elements
+/// for `out`; slices need not be aligned. Panics unless every row named fits in its slice; other
+/// entries of `out` are left untouched. `rows` or `cols` of 0 does nothing.
+pub type GemmFn = fn(
+    k: usize,
+    w: &[u8],
+    w_stride: usize,
+    rows: usize,
+    act: &[u8],
+    act_stride: usize,
+    cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+);
 
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -358,6 +388,8 @@ pub struct Kernels {
     pub act_type: GgmlType,
     pub vec_dot: VecDotFn,
     pub quantize_act: QuantizeActFn,
+    /// Weight rows × activation rows at once (prefill); see [`GemmFn`].
+    pub gemm: GemmFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -394,6 +426,7 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Option<Kernels> {
         act_type,
         vec_dot: scalar::vec_dot_fn(ty),
         quantize_act: scalar::quantize_act_fn(act_type),
+        gemm: scalar::gemm_fn(ty),
     };
     #[cfg(target_arch = "x86_64")]
     {
@@ -404,11 +437,22 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Option<Kernels> {
             if let Some(f) = avx2::quantize_act_fn(act_type) {
                 k.quantize_act = f;
             }
+            if let Some(f) = avx2::gemm_fn(ty) {
+                k.gemm = f;
+            }
         }
         if isa >= Isa::Avx512
             && let Some(f) = avx512::vec_dot_fn(ty)
         {
             k.vec_dot = f;
+            // Formats with a tiled AVX2 gemm keep it (it is 3-7x a loop over the AVX2 vec_dot,
+            // more than the AVX-512 vec_dots gain; not measured on AVX-512 hardware); the
+            // others loop over the AVX-512 vec_dot.
+            if avx2_gemm::gemm_fn(ty).is_none()
+                && let Some(g) = avx512::gemm_fn(ty)
+            {
+                k.gemm = g;
+            }
         }
     }
     Some(k)
@@ -436,6 +480,23 @@ pub fn bf16_to_f32_row(src: &[u8], dst: &mut [f32]) {
         return f(src, dst);
     }
     scalar::bf16_to_f32_row(src, dst)
+}
+
+/// Whether `ty`'s gemm at level `isa` is a register-tiled kernel (rather than a loop over
+/// `vec_dot`); `None` if this CPU cannot run `isa`. For reports and benches.
+pub fn gemm_is_tiled(ty: GgmlType, isa: Isa) -> Option<bool> {
+    if !cpu_supports(isa) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(isa >= Isa::Avx2 && avx2_gemm::gemm_fn(ty).is_some())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        Some(false)
+    }
 }
 
 /// Which ISA level actually provides `ty`'s vec_dot at level `isa` (for reports and benches).

@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use crate::quant::{GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
+use crate::quant::{GemmFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
 
 /// ggml's `GROUP_MAX_EPS`: below this a group is treated as all zero.
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -1099,6 +1099,164 @@ pub(crate) fn check_vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> usi
         act.len()
     );
     nb
+}
+
+/// Bytes spanned by `n` rows of `len` bytes `stride` apart (`None` on overflow).
+fn span(n: usize, stride: usize, len: usize) -> Option<usize> {
+    match n {
+        0 => Some(0),
+        _ => (n - 1).checked_mul(stride)?.checked_add(len),
+    }
+}
+
+/// Checks a gemm call (see [`GemmFn`]) and returns the number of blocks per row. Everything a
+/// kernel reads or writes is proven in bounds here (a call with no rows or no columns reads and
+/// writes nothing, so only `k` is checked); strides shorter than a row (overlapping
+/// rows) are allowed by the contract but almost surely a bug, hence only debug-asserted.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_gemm(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    w_stride: usize,
+    rows: usize,
+    act: &[u8],
+    act_stride: usize,
+    cols: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> usize {
+    let bs = ty.block_size();
+    assert!(
+        k.is_multiple_of(bs),
+        "{ty}: k = {k} is not a multiple of {bs}"
+    );
+    let nb = k / bs;
+    if rows == 0 || cols == 0 {
+        return nb; // nothing is read or written
+    }
+    let wrb = nb * ty.type_size();
+    let arb = nb * ty.vec_dot_type().type_size();
+    debug_assert!(rows <= 1 || w_stride >= wrb, "{ty}: weight rows overlap");
+    debug_assert!(
+        cols <= 1 || act_stride >= arb,
+        "{ty}: activation rows overlap"
+    );
+    debug_assert!(rows <= 1 || out_stride >= cols, "{ty}: output rows overlap");
+    let ok = |need: Option<usize>, have: usize| need.is_some_and(|n| n <= have);
+    assert!(
+        ok(span(rows, w_stride, wrb), w.len()),
+        "{ty}: gemm of {rows} rows × k = {k} (stride {w_stride}) got {} weight bytes",
+        w.len()
+    );
+    assert!(
+        ok(span(cols, act_stride, arb), act.len()),
+        "{ty}: gemm of {cols} activation rows × k = {k} (stride {act_stride}) got {} bytes",
+        act.len()
+    );
+    assert!(
+        ok(span(rows, out_stride, cols), out.len()),
+        "{ty}: gemm output of {rows} × {cols} (stride {out_stride}) got {} floats",
+        out.len()
+    );
+    nb
+}
+
+/// Activation rows per pass over the weight rows in [`gemm_by_vec_dot`]: the same blocking the
+/// CPU backend used before gemm existed.
+const GEMM_LOOP_TOKENS: usize = 16;
+
+/// A [`GemmFn`] that calls `vec_dot` once per (row, column): the reference definition of gemm,
+/// and the gemm of every format without a tiled kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_by_vec_dot(
+    vec_dot: VecDotFn,
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    w_stride: usize,
+    rows: usize,
+    act: &[u8],
+    act_stride: usize,
+    cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let nb = check_gemm(
+        ty, k, w, w_stride, rows, act, act_stride, cols, out, out_stride,
+    );
+    let wrb = nb * ty.type_size();
+    let arb = nb * ty.vec_dot_type().type_size();
+    for c0 in (0..cols).step_by(GEMM_LOOP_TOKENS) {
+        let c1 = (c0 + GEMM_LOOP_TOKENS).min(cols);
+        for r in 0..rows {
+            let wr = &w[r * w_stride..r * w_stride + wrb];
+            for c in c0..c1 {
+                out[r * out_stride + c] =
+                    vec_dot(k, wr, &act[c * act_stride..c * act_stride + arb]);
+            }
+        }
+    }
+}
+
+/// Defines `$name`, a [`GemmFn`] looping over the vec_dot `$dot` of weight type `$ty`.
+macro_rules! gemm_loop {
+    ($name:ident, $dot:expr, $ty:expr) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            k: usize,
+            w: &[u8],
+            w_stride: usize,
+            rows: usize,
+            act: &[u8],
+            act_stride: usize,
+            cols: usize,
+            out: &mut [f32],
+            out_stride: usize,
+        ) {
+            $crate::quant::scalar::gemm_by_vec_dot(
+                $dot, $ty, k, w, w_stride, rows, act, act_stride, cols, out, out_stride,
+            )
+        }
+    };
+}
+pub(crate) use gemm_loop;
+
+gemm_loop!(gemm_f32, dot_f32, GgmlType::F32);
+gemm_loop!(gemm_f16, dot_f16, GgmlType::F16);
+gemm_loop!(gemm_bf16, dot_bf16, GgmlType::BF16);
+gemm_loop!(gemm_q4_0, dot_q4_0, GgmlType::Q4_0);
+gemm_loop!(gemm_q4_1, dot_q4_1, GgmlType::Q4_1);
+gemm_loop!(gemm_q5_0, dot_q5_0, GgmlType::Q5_0);
+gemm_loop!(gemm_q5_1, dot_q5_1, GgmlType::Q5_1);
+gemm_loop!(gemm_q8_0, dot_q8_0, GgmlType::Q8_0);
+gemm_loop!(gemm_q8_1, dot_q8_1, GgmlType::Q8_1);
+gemm_loop!(gemm_q2k, dot_q2k, GgmlType::Q2K);
+gemm_loop!(gemm_q3k, dot_q3k, GgmlType::Q3K);
+gemm_loop!(gemm_q4k, dot_q4k, GgmlType::Q4K);
+gemm_loop!(gemm_q5k, dot_q5k, GgmlType::Q5K);
+gemm_loop!(gemm_q6k, dot_q6k, GgmlType::Q6K);
+gemm_loop!(gemm_q8k, dot_q8k, GgmlType::Q8K);
+
+/// The scalar gemm of `ty`: a loop over its scalar vec_dot.
+pub(crate) fn gemm_fn(ty: GgmlType) -> GemmFn {
+    match ty {
+        GgmlType::F32 => gemm_f32,
+        GgmlType::F16 => gemm_f16,
+        GgmlType::BF16 => gemm_bf16,
+        GgmlType::Q4_0 => gemm_q4_0,
+        GgmlType::Q4_1 => gemm_q4_1,
+        GgmlType::Q5_0 => gemm_q5_0,
+        GgmlType::Q5_1 => gemm_q5_1,
+        GgmlType::Q8_0 => gemm_q8_0,
+        GgmlType::Q8_1 => gemm_q8_1,
+        GgmlType::Q2K => gemm_q2k,
+        GgmlType::Q3K => gemm_q3k,
+        GgmlType::Q4K => gemm_q4k,
+        GgmlType::Q5K => gemm_q5k,
+        GgmlType::Q6K => gemm_q6k,
+        GgmlType::Q8K => gemm_q8k,
+    }
 }
 
 pub(crate) fn vec_dot_fn(ty: GgmlType) -> VecDotFn {

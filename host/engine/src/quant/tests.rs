@@ -231,8 +231,10 @@ fn q4_0_nibbles_dequantize_to_minus8_to_7() {
     }
 }
 
+/// Activations follow llama.cpp's x86 quantizer (ties to even); weights written to GGUF follow
+/// ggml's reference quantizer (ties away from zero).
 #[test]
-fn q8_0_quantization_rounds_half_away_from_zero() {
+fn q8_0_rounding_of_activations_and_weights() {
     let mut x = [0f32; 32];
     x[0] = 127.0; // amax 127 → d = 1 exactly
     x[1] = 2.5;
@@ -246,8 +248,12 @@ fn q8_0_quantization_rounds_half_away_from_zero() {
         (kernels_for(GgmlType::Q8_0, isa).unwrap().quantize_act)(&x, &mut b);
         assert_eq!(u16::from_le_bytes([b[0], b[1]]), 0x3C00, "{isa:?}");
         let q: Vec<i8> = b[2..9].iter().map(|&v| v as i8).collect();
-        assert_eq!(q, [127, 3, -3, 1, -1, 1, -127], "{isa:?}");
+        assert_eq!(q, [127, 2, -2, 0, 0, 1, -127], "{isa:?}");
     }
+    let mut b = [0u8; 34];
+    quantize_row(GgmlType::Q8_0, &x, &mut b).unwrap();
+    let q: Vec<i8> = b[2..9].iter().map(|&v| v as i8).collect();
+    assert_eq!(q, [127, 3, -3, 1, -1, 1, -127]);
 }
 
 #[test]
@@ -602,5 +608,301 @@ fn f16_and_bf16_row_helpers() {
     bf16_to_f32_row(&h, &mut y);
     for (a, b) in x.iter().zip(&y) {
         assert_eq!(*b, bf16::from_f32(*a).to_f32());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gemm against vec_dot
+// ---------------------------------------------------------------------------------------------
+
+/// A gemm problem: `rows` weight rows and `cols` activation rows of `nb` blocks, stored with
+/// padded strides at odd offsets inside their buffers.
+struct GemmCase {
+    ty: GgmlType,
+    k: usize,
+    rows: usize,
+    cols: usize,
+    w: Vec<u8>,
+    w_off: usize,
+    w_stride: usize,
+    a: Vec<u8>,
+    a_off: usize,
+    a_stride: usize,
+}
+
+impl GemmCase {
+    fn new(ty: GgmlType, nb: usize, rows: usize, cols: usize, rng: &mut SmallRng) -> Self {
+        let k = nb * ty.block_size();
+        let act = ty.vec_dot_type();
+        let (wrb, arb) = (ty.row_bytes(k).unwrap(), act.row_bytes(k).unwrap());
+        let (w_off, a_off) = (rng.random_range(0..8), rng.random_range(0..8));
+        let w_stride = wrb + rng.random_range(0..3) * 7;
+        let a_stride = arb + rng.random_range(0..3) * 5;
+        let mut w = vec![0xA5u8; w_off + rows * w_stride];
+        for r in 0..rows {
+            let o = w_off + r * w_stride;
+            w[o..o + wrb].copy_from_slice(&random_row(ty, nb, rng));
+        }
+        let mut a = vec![0x5Au8; a_off + cols * a_stride];
+        for c in 0..cols {
+            let o = a_off + c * a_stride;
+            a[o..o + arb].copy_from_slice(&quantize_act_ref(act, &random_acts(k, rng)));
+        }
+        GemmCase {
+            ty,
+            k,
+            rows,
+            cols,
+            w,
+            w_off,
+            w_stride,
+            a,
+            a_off,
+            a_stride,
+        }
+    }
+
+    fn w_row(&self, r: usize) -> &[u8] {
+        let o = self.w_off + r * self.w_stride;
+        &self.w[o..o + self.ty.row_bytes(self.k).unwrap()]
+    }
+
+    fn a_row(&self, c: usize) -> &[u8] {
+        let o = self.a_off + c * self.a_stride;
+        &self.a[o..o + self.ty.vec_dot_type().row_bytes(self.k).unwrap()]
+    }
+
+    /// Runs `k.gemm` into an output with `pad` spare columns per row, filled with a sentinel.
+    fn run(&self, k: &Kernels, pad: usize) -> (Vec<f32>, usize) {
+        let stride = self.cols + pad;
+        let mut out = vec![f32::NAN; self.rows * stride];
+        (k.gemm)(
+            self.k,
+            &self.w[self.w_off..],
+            self.w_stride,
+            self.rows,
+            &self.a[self.a_off..],
+            self.a_stride,
+            self.cols,
+            &mut out,
+            stride,
+        );
+        (out, stride)
+    }
+}
+
+/// Every ISA's gemm against the scalar vec_dot of every (row, column), within 1e-5 of the sum
+/// of the magnitudes of the terms; the scalar gemm must be bit-identical to it.
+fn check_gemm(ty: GgmlType, seed: u64, nb: usize, rows: usize, cols: usize) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let case = GemmCase::new(ty, nb, rows, cols, &mut rng);
+    let act = ty.vec_dot_type();
+    let scalar = kernels_for(ty, Isa::Scalar).unwrap();
+    let mut reference = vec![0f32; rows * cols];
+    let mut mag = vec![0f64; rows * cols];
+    let acts: Vec<Vec<f32>> = (0..cols).map(|c| deq(act, case.a_row(c), case.k)).collect();
+    for r in 0..rows {
+        let parts = abs_parts(ty, case.w_row(r), case.k);
+        for c in 0..cols {
+            reference[r * cols + c] = (scalar.vec_dot)(case.k, case.w_row(r), case.a_row(c));
+            mag[r * cols + c] = parts
+                .iter()
+                .zip(&acts[c])
+                .map(|(p, a)| (p * a.abs()) as f64)
+                .sum();
+        }
+    }
+    let pad = rng.random_range(0..3);
+    for isa in available_isas() {
+        let k = kernels_for(ty, isa).unwrap();
+        let (out, stride) = case.run(&k, pad);
+        for r in 0..rows {
+            for c in 0..cols {
+                let (got, want) = (out[r * stride + c], reference[r * cols + c]);
+                if isa == Isa::Scalar {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{ty} scalar gemm ({r}, {c})");
+                }
+                let diff = (got as f64 - want as f64).abs();
+                assert!(
+                    diff <= 1e-5 * mag[r * cols + c] + 1e-30,
+                    "{ty} {isa:?} gemm {rows}×{cols}, nb {nb}, ({r}, {c}): {got} vs vec_dot \
+                     {want} (|terms| {})",
+                    mag[r * cols + c]
+                );
+            }
+            for c in cols..stride {
+                assert!(
+                    out[r * stride + c].is_nan(),
+                    "{ty} {isa:?}: wrote past column {c}"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gemm_matches_vec_dot(
+        seed: u64,
+        nb in 1usize..6,
+        rows in 1usize..10,
+        cols in 1usize..12,
+    ) {
+        for ty in GgmlType::ALL {
+            let nb = if ty.block_size() == 1 { nb * 8 } else { nb };
+            check_gemm(ty, seed, nb, rows, cols);
+        }
+    }
+}
+
+#[test]
+fn gemm_small_and_edge_shapes() {
+    // 1×1, a single block, and shapes straddling every microkernel remainder.
+    for ty in GgmlType::ALL {
+        for (i, (nb, rows, cols)) in [(1, 1, 1), (1, 7, 5), (2, 1, 9), (3, 4, 1), (1, 6, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            check_gemm(ty, 77 + i as u64, nb, rows, cols);
+        }
+    }
+}
+
+#[test]
+fn gemm_large_tiles() {
+    // Real row lengths (Gemma 3 270M: 640 and 2048) and more columns than one column tile.
+    for ty in GgmlType::ALL {
+        if !ty.is_quantized() || ty == GgmlType::Q8_1 {
+            continue;
+        }
+        let nb = if ty.block_size() == QK { 20 } else { 8 };
+        check_gemm(ty, 500, nb, 13, 70);
+        check_gemm(ty, 501, nb + 1, 32, 17);
+    }
+}
+
+#[test]
+fn gemm_long_rows() {
+    // Rows longer than the kernels' k-chunk (2048 quants), ending in a partial chunk.
+    for ty in GgmlType::ALL {
+        if !ty.is_quantized() || ty == GgmlType::Q8_1 {
+            continue;
+        }
+        let nb = if ty.block_size() == QK { 131 } else { 17 };
+        check_gemm(ty, 600, nb, 5, 6);
+    }
+}
+
+#[test]
+fn gemm_of_empty_rows_is_zero() {
+    for ty in GgmlType::ALL {
+        for isa in available_isas() {
+            let k = kernels_for(ty, isa).unwrap();
+            let mut out = [7.0f32; 7];
+            (k.gemm)(0, &[], 0, 2, &[], 0, 3, &mut out, 4);
+            assert_eq!(out, [0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0], "{ty} {isa:?}");
+        }
+    }
+}
+
+#[test]
+fn gemm_does_not_depend_on_how_columns_are_grouped() {
+    // Each result must be the same bits whether its activation row came alone, in a small group
+    // or among many (so a decode step through gemm reproduces the prefill exactly).
+    let mut rng = SmallRng::seed_from_u64(21);
+    for ty in GgmlType::ALL {
+        let nb = if ty.block_size() == 1 { 64 } else { 3 };
+        let case = GemmCase::new(ty, nb, 6, 11, &mut rng);
+        for isa in available_isas() {
+            let k = kernels_for(ty, isa).unwrap();
+            let (all, stride) = case.run(&k, 0);
+            for split in [1, 2, 3, 5] {
+                for c0 in (0..case.cols).step_by(split) {
+                    let n = split.min(case.cols - c0);
+                    let mut out = vec![0f32; case.rows * n];
+                    let a = &case.a[case.a_off + c0 * case.a_stride..];
+                    let w = &case.w[case.w_off..];
+                    (k.gemm)(
+                        case.k,
+                        w,
+                        case.w_stride,
+                        case.rows,
+                        a,
+                        case.a_stride,
+                        n,
+                        &mut out,
+                        n,
+                    );
+                    for r in 0..case.rows {
+                        for c in 0..n {
+                            assert_eq!(
+                                out[r * n + c].to_bits(),
+                                all[r * stride + c0 + c].to_bits(),
+                                "{ty} {isa:?}: row {r}, column {} in groups of {split}",
+                                c0 + c
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_of_nothing_is_a_no_op() {
+    for ty in GgmlType::ALL {
+        for isa in available_isas() {
+            let k = kernels_for(ty, isa).unwrap();
+            let mut out = [7.0f32; 4];
+            (k.gemm)(ty.block_size(), &[], 0, 0, &[], 0, 3, &mut out, 3);
+            (k.gemm)(ty.block_size(), &[], 0, 2, &[], 0, 0, &mut out, 0);
+            assert_eq!(out, [7.0; 4], "{ty} {isa:?}");
+        }
+    }
+}
+
+#[test]
+fn gemm_rejects_short_slices() {
+    let ty = GgmlType::Q5_0;
+    let mut rng = SmallRng::seed_from_u64(9);
+    let case = GemmCase::new(ty, 2, 3, 2, &mut rng);
+    for isa in available_isas() {
+        let k = kernels_for(ty, isa).unwrap();
+        let w = &case.w[case.w_off..];
+        let a = &case.a[case.a_off..];
+        let short_w = &w[..2 * case.w_stride + 43];
+        let short_a = &a[..case.a_stride + 67];
+        let calls: [(&[u8], &[u8], usize); 3] = [(short_w, a, 6), (w, short_a, 6), (w, a, 5)];
+        for (wi, ai, out_len) in calls {
+            let r = std::panic::catch_unwind(|| {
+                let mut out = vec![0f32; out_len];
+                (k.gemm)(64, wi, case.w_stride, 3, ai, case.a_stride, 2, &mut out, 2);
+            });
+            assert!(r.is_err(), "{isa:?}: short slice accepted");
+        }
+    }
+}
+
+#[test]
+fn tiled_gemm_where_expected() {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ] {
+        assert_eq!(gemm_is_tiled(ty, Isa::Scalar), Some(false));
+        if cpu_supports(Isa::Avx2) {
+            assert_eq!(gemm_is_tiled(ty, Isa::Avx2), Some(true), "{ty}");
+        }
     }
 }
