@@ -226,7 +226,10 @@ impl CpuBackend {
                 axpy(o, w, &values[at..at + hd]);
             }
         };
-        if out.len() / hd >= 2 * self.threads {
+        // A decode step over a short context is a few microseconds of work: less than waking the
+        // other workers costs. Spread it only when there is enough (query, key) pairs.
+        let pairs = (out.len() / hd) * (end - base);
+        if pairs >= 8192 && out.len() / hd >= 2 {
             out.par_chunks_mut(hd).enumerate().for_each(work);
         } else {
             out.chunks_mut(hd).enumerate().for_each(work);
