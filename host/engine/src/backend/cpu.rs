@@ -50,32 +50,22 @@ impl CpuBackend {
         let m = w.n_rows();
         debug_assert_eq!(x.len(), n * k);
         debug_assert_eq!(y.len(), n * m);
+        if n == 1 {
+            self.matmuls(&mut [(w, y)], x, 1);
+            return;
+        }
         let kern = quant::kernels(w.ty);
         let arb = kern
             .act_type
             .row_bytes(k)
             .expect("weight rows are whole blocks");
         let mut xq = vec![0u8; n * arb];
-        if n == 1 {
-            (kern.quantize_act)(x, &mut xq);
-        } else {
-            xq.par_chunks_mut(arb)
-                .zip(x.par_chunks(k))
-                .for_each(|(d, s)| (kern.quantize_act)(s, d));
-        }
+        xq.par_chunks_mut(arb)
+            .zip(x.par_chunks(k))
+            .for_each(|(d, s)| (kern.quantize_act)(s, d));
         let rb = w.row_bytes();
         let wd = w.data();
         let chunk = rows_per_task(m, self.threads);
-        if n == 1 {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-                let r0 = ci * chunk;
-                for (i, out) in ys.iter_mut().enumerate() {
-                    let r = r0 + i;
-                    *out = (kern.vec_dot)(k, &wd[r * rb..(r + 1) * rb], &xq);
-                }
-            });
-            return;
-        }
         // Transposed result [m, n], so that each task owns a contiguous block of rows. Each task
         // hands its rows and all tokens to the tiled kernel, which unpacks every weight block
         // once per register tile instead of once per token.
@@ -490,13 +480,6 @@ pub fn physical_cores() -> usize {
     } else {
         cores.len().min(logical)
     }
-}
-
-/// Converts f16 values to f32 (for tests and tools).
-pub fn f16_to_f32(src: &[f16]) -> Vec<f32> {
-    let mut v = vec![0f32; src.len()];
-    src.convert_to_f32_slice(&mut v);
-    v
 }
 
 #[cfg(test)]
