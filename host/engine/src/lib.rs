@@ -10,6 +10,7 @@ pub mod quant;
 pub mod sample;
 pub mod session;
 pub mod synth;
+pub mod template;
 pub mod tokenizer;
 
 pub use model::{LoadOptions, LogitsWanted, Model, SeqInput};
