@@ -8,6 +8,7 @@ pub mod kv;
 pub mod model;
 pub mod quant;
 pub mod sample;
+pub mod sched;
 pub mod session;
 pub mod synth;
 pub mod template;
