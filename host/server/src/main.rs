@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod models;
 mod synth;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
     Synth(synth::Args),
+    /// List the GGUF models under some directories (default ./models and $REALM_MODELS).
+    Models(models::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Models(a) => models::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
