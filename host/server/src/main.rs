@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod models;
+mod serve;
 mod synth;
 
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ enum Command {
     Synth(synth::Args),
     /// List the GGUF models under some directories (default ./models and $REALM_MODELS).
     Models(models::Args),
+    /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
+    Serve(serve::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Models(a) => models::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
