@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod synth;
+mod tokenize;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
     Synth(synth::Args),
+    /// Tokenize text with a GGUF file's tokenizer (ids, llama.cpp test vectors, or throughput).
+    Tokenize(tokenize::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
