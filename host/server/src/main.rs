@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod serve;
 mod synth;
 mod tokenize;
 
@@ -28,6 +29,8 @@ enum Command {
     Synth(synth::Args),
     /// Tokenize text with a GGUF file's tokenizer (ids, llama.cpp test vectors, or throughput).
     Tokenize(tokenize::Args),
+    /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
+    Serve(serve::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
