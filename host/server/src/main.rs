@@ -5,6 +5,7 @@ mod eval;
 mod models;
 mod serve;
 mod synth;
+mod tokenize;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ enum Command {
     Synth(synth::Args),
     /// List the GGUF models under some directories (default ./models and $REALM_MODELS).
     Models(models::Args),
+    /// Tokenize text with a GGUF file's tokenizer (ids, llama.cpp test vectors, or throughput).
+    Tokenize(tokenize::Args),
     /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
     Serve(serve::Args),
     /// Print a GGUF file's metadata and tensor directory.
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Models(a) => models::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }

@@ -8,7 +8,7 @@
 //! builds: each non-ASCII code point is replaced by one marker character for its category, and
 //! `\p{L}`/`\p{N}`/... in the pattern become classes of that marker plus the ASCII members. That
 //! reproduces llama.cpp's exact behaviour, quirks included (for example `\p{Lu}` matches any
-//! letter, and `\p{S}` does not match `~`).
+//! letter).
 
 use fancy_regex::Regex;
 
@@ -188,11 +188,10 @@ pub(crate) fn pre_spec(pre: &str) -> Option<PreSpec> {
             s.clean_spaces = false;
         }
         "tiny_aya" | "cohere2moe" => {
-            set(
-                &mut s,
-                "tiny-aya",
-                &[r"\d{1,3}(?=(?:\d{3})*\b)", TINY_AYA_PATTERN],
-            );
+            // llama.cpp lists the digit-grouping pattern r"\d{1,3}(?=(?:\d{3})*\b)" first, but
+            // its std::wregex never matches it (the word boundary inside the lookahead), so
+            // the pattern splits nothing there; leaving it out is what agrees with llama.cpp.
+            set(&mut s, "tiny-aya", &[TINY_AYA_PATTERN]);
             s.clean_spaces = false;
         }
         "seed-coder" => {
@@ -258,14 +257,14 @@ const CATEGORY_CLASSES: &[(&str, u16)] = &[
     (r"\p{Lo}", Flags::LETTER),
 ];
 
-/// The ASCII members llama.cpp gives each category class (note: no `~` among the symbols).
+/// The ASCII members llama.cpp gives each category class.
 fn ascii_members(category: u16) -> &'static str {
     match category {
         Flags::NUMBER => "0-9",
         Flags::LETTER => "A-Za-z",
         Flags::PUNCTUATION => r"!-#%-*,-/:-;?-@\[-\]_\{\}",
         Flags::ACCENT_MARK => "",
-        Flags::SYMBOL => r"\$\+<->\^`\|",
+        Flags::SYMBOL => r"\$\+<->\^`\|~",
         _ => "",
     }
 }
@@ -725,6 +724,13 @@ mod tests {
                 "I", "'VE", " ", "123", "456", "7", " apples", "\n\n", " ", " x"
             ]
         );
+    }
+
+    #[test]
+    fn symbol_class_includes_tilde_like_llama_cpp() {
+        let spec = pre_spec("deepseek-v3").unwrap();
+        let pt = PreTokenizer::new(&spec.patterns).unwrap();
+        assert_eq!(words(&pt, " ~'(z 12345"), [" ~'(", "z", " ", "123", "45"]);
     }
 
     #[test]
