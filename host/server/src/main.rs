@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod models;
+mod run;
 mod serve;
 mod synth;
 
@@ -27,6 +28,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
     Synth(synth::Args),
+    /// Generate text from a prompt (streamed), or chat with --chat.
+    Run(run::Args),
     /// List the GGUF models under some directories (default ./models and $REALM_MODELS).
     Models(models::Args),
     /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Models(a) => models::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Run(a) => run::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
