@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod models;
+mod run;
 mod serve;
 mod synth;
 mod tokenize;
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
     Synth(synth::Args),
+    /// Generate text from a prompt (streamed), or chat with --chat.
+    Run(run::Args),
     /// List the GGUF models under some directories (default ./models and $REALM_MODELS).
     Models(models::Args),
     /// Tokenize text with a GGUF file's tokenizer (ids, llama.cpp test vectors, or throughput).
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
         Command::Models(a) => models::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Run(a) => run::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
