@@ -103,17 +103,31 @@ impl KvPool {
     }
 
     /// Grows `seq` so that it can hold `extra` more positions, allocating pages all-or-nothing.
+    ///
+    /// Positions below `seq.len()` are immutable, so the only page a sequence ever writes into
+    /// while other holders still read it is its partly filled last page (after a fork or a
+    /// truncate). That page is copied first: copy-on-write at page granularity.
     pub fn reserve(&mut self, seq: &mut SeqCache, extra: usize) -> Result<(), KvError> {
         let ps = self.layout.page_size;
         let need_pages = (seq.len + extra)
             .div_ceil(ps)
             .saturating_sub(seq.pages.len());
-        if need_pages > self.free.len() {
+        let cow = extra > 0 && self.shared_tail(seq).is_some();
+        let needed = need_pages + usize::from(cow);
+        if needed > self.free.len() {
             return Err(KvError::OutOfPages {
-                needed: need_pages,
+                needed,
                 free: self.free.len(),
                 total: self.layout.n_pages,
             });
+        }
+        if let Some(i) = self.shared_tail(seq).filter(|_| cow) {
+            let old = seq.pages[i];
+            let new = self.free.pop().expect("checked above");
+            self.refcount[new as usize] = 1;
+            self.copy_page(old, new);
+            seq.pages[i] = new;
+            self.unref(old);
         }
         for _ in 0..need_pages {
             let p = self.free.pop().expect("checked above");
@@ -121,6 +135,76 @@ impl KvPool {
             seq.pages.push(p);
         }
         Ok(())
+    }
+
+    /// Free pages that `reserve(seq, extra)` would take, counting a copy-on-write of the tail.
+    pub fn pages_needed(&self, seq: &SeqCache, extra: usize) -> usize {
+        let grow = (seq.len + extra)
+            .div_ceil(self.layout.page_size)
+            .saturating_sub(seq.pages.len());
+        grow + usize::from(extra > 0 && self.shared_tail(seq).is_some())
+    }
+
+    /// Index in `seq.pages` of a partly filled last page that another holder shares.
+    fn shared_tail(&self, seq: &SeqCache) -> Option<usize> {
+        let ps = self.layout.page_size;
+        if seq.len.is_multiple_of(ps) {
+            return None;
+        }
+        let i = seq.len / ps;
+        (self.refcount[seq.pages[i] as usize] > 1).then_some(i)
+    }
+
+    fn copy_page(&mut self, from: u32, to: u32) {
+        let n = self.layout.page_size * self.layout.kv_dim;
+        let (from, to) = (from as usize * n, to as usize * n);
+        for layer in 0..self.layout.n_layers {
+            self.keys[layer].copy_within(from..from + n, to);
+            self.values[layer].copy_within(from..from + n, to);
+        }
+    }
+
+    /// A second sequence with the same contents, sharing every page (copy-on-write).
+    pub fn fork(&mut self, seq: &SeqCache) -> SeqCache {
+        let keep = seq.len.div_ceil(self.layout.page_size);
+        let pages = seq.pages[..keep].to_vec();
+        for &p in &pages {
+            self.refcount[p as usize] += 1;
+        }
+        SeqCache {
+            pages,
+            len: seq.len,
+        }
+    }
+
+    /// Appends full pages already holding the next positions of `seq` (a prefix-cache hit).
+    /// `seq` must end on a page boundary; the pages gain a reference.
+    pub fn attach(&mut self, seq: &mut SeqCache, pages: &[u32]) {
+        let ps = self.layout.page_size;
+        assert!(
+            seq.len.is_multiple_of(ps) && seq.pages.len() == seq.len / ps,
+            "attach needs a sequence ending on a page boundary"
+        );
+        for &p in pages {
+            self.refcount[p as usize] += 1;
+            seq.pages.push(p);
+        }
+        seq.len += pages.len() * ps;
+    }
+
+    /// Takes an extra reference on a page (for a cache that outlives the sequence).
+    pub fn retain(&mut self, page: u32) {
+        self.refcount[page as usize] += 1;
+    }
+
+    /// Drops a reference taken with [`KvPool::retain`]; the page is freed with its last one.
+    pub fn release_page(&mut self, page: u32) {
+        self.unref(page);
+    }
+
+    /// How many holders (sequences and caches) a page has.
+    pub fn refcount(&self, page: u32) -> u32 {
+        self.refcount[page as usize]
     }
 
     /// Returns every page of `seq` to the pool (pages shared with another sequence stay).
@@ -254,5 +338,68 @@ mod tests {
         assert_eq!(s.len(), 5);
         assert_eq!(s.pages().len(), 2);
         assert_eq!(p.free_pages(), 2);
+    }
+
+    #[test]
+    fn fork_shares_pages_and_copies_the_tail_on_write() {
+        let mut p = pool(4);
+        let mut a = SeqCache::new();
+        p.reserve(&mut a, 6).unwrap();
+        for pos in 0..6 {
+            p.write(0, &a, pos, &[pos as f32; 4], &[0.0; 4]);
+        }
+        p.advance(&mut a, 6);
+        let mut b = p.fork(&a);
+        assert_eq!(b.pages(), a.pages());
+        assert_eq!(p.free_pages(), 2);
+        // b appends: its half-full second page is shared, so it gets a private copy.
+        p.reserve(&mut b, 1).unwrap();
+        assert_eq!(b.pages()[0], a.pages()[0]);
+        assert_ne!(b.pages()[1], a.pages()[1]);
+        assert_eq!(p.free_pages(), 1);
+        p.write(0, &b, 6, &[100.0; 4], &[0.0; 4]);
+        p.advance(&mut b, 1);
+        // The copy carried the old positions; a's page was not touched.
+        assert_eq!(p.read(0, &b, 5).0[0].to_f32(), 5.0);
+        assert_eq!(p.read(0, &b, 6).0[0].to_f32(), 100.0);
+        assert_eq!(p.read(0, &a, 5).0[0].to_f32(), 5.0);
+        p.release(&mut a);
+        assert_eq!(p.free_pages(), 2, "page 0 is still b's");
+        p.release(&mut b);
+        assert_eq!(p.free_pages(), 4);
+    }
+
+    #[test]
+    fn cow_page_counts_toward_all_or_nothing() {
+        let mut p = pool(2);
+        let mut a = SeqCache::new();
+        p.reserve(&mut a, 3).unwrap();
+        p.advance(&mut a, 3);
+        let mut b = p.fork(&a);
+        // One free page: enough for the copy but not for the copy plus a new page.
+        let e = p.reserve(&mut b, 4).unwrap_err();
+        assert!(matches!(e, KvError::OutOfPages { needed: 2, .. }));
+        assert_eq!(b.pages(), a.pages());
+        p.reserve(&mut b, 1).unwrap();
+        assert_eq!(p.free_pages(), 0);
+    }
+
+    #[test]
+    fn attach_and_retain_keep_pages_alive() {
+        let mut p = pool(3);
+        let mut a = SeqCache::new();
+        p.reserve(&mut a, 8).unwrap();
+        p.advance(&mut a, 8);
+        let cached = a.pages()[0];
+        p.retain(cached);
+        p.release(&mut a);
+        assert_eq!(p.free_pages(), 2);
+        let mut b = SeqCache::new();
+        p.attach(&mut b, &[cached]);
+        assert_eq!(b.len(), 4);
+        assert_eq!(p.refcount(cached), 2);
+        p.release_page(cached);
+        p.release(&mut b);
+        assert_eq!(p.free_pages(), 3);
     }
 }

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod sched;
 pub mod session;
 pub mod synth;
 pub mod tokenizer;

@@ -1,0 +1,409 @@
+//! The engine loop against a real (tiny, random-weight) model: batched work must give what each
+//! sequence gives alone, and quotas, preemption, fairness and cancellation must hold.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::Duration;
+
+use super::*;
+use crate::model::LoadOptions;
+use crate::session::{Session, argmax, top_k};
+
+fn tiny_llama() -> Arc<Model> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/tiny-llama-mixed.gguf");
+    Arc::new(Model::load(path, &LoadOptions { threads: 2 }).unwrap())
+}
+
+struct Unpark(Thread);
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs futures to completion on this thread, polling all of them so their messages reach the
+/// engine together (as concurrent guests' would).
+fn join_all<T>(futs: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut futs: Vec<_> = futs.into_iter().map(Some).collect();
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    while out.iter().any(Option::is_none) {
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if let Some(fut) = f
+                && let Poll::Ready(v) = fut.as_mut().poll(&mut cx)
+            {
+                *o = Some(v);
+                *f = None;
+            }
+        }
+        if out.iter().any(Option::is_none) {
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+fn block_on<T>(f: impl Future<Output = T>) -> T {
+    join_all(vec![Box::pin(f)]).pop().unwrap()
+}
+
+/// See `model/tests.rs`: batch composition changes the f32 summation order of the kernels.
+const TOLERANCE: f32 = 0.5;
+
+/// Logits after the prompt, greedy tokens, logits at the last step.
+type Run = (Vec<f32>, Vec<u32>, Vec<f32>);
+type Task<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    let d = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d <= TOLERANCE, "{what}: logits differ by {d}");
+    let top = top_k(want, 2);
+    if top[0].1 - top[1].1 > 2.0 * TOLERANCE {
+        assert_eq!(argmax(got), top[0].0, "{what}: different winner");
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 1 + (i * 7919 + seed * 104_729) % 31_000)
+        .collect()
+}
+
+/// Greedy continuation of `p` by a single sequence: (logits after the prompt, tokens).
+fn alone(m: &Model, p: &[u32], steps: usize) -> Run {
+    let mut s = Session::new(m, p.len() + steps + 1);
+    let first = s.feed(p).unwrap();
+    let mut tok = argmax(&first);
+    let mut toks = vec![tok];
+    let mut last = first.clone();
+    for _ in 1..steps {
+        last = s.feed(&[tok]).unwrap();
+        tok = argmax(&last);
+        toks.push(tok);
+    }
+    (first, toks, last)
+}
+
+fn small_batches() -> EngineConfig {
+    EngineConfig {
+        kv_tokens: 4096,
+        max_batch_tokens: 24,
+        prefill_chunk: 8,
+        prefix_cache: true,
+    }
+}
+
+#[test]
+fn batched_generation_equals_each_sequence_alone() {
+    let m = tiny_llama();
+    let engine = Engine::start(m.clone(), small_batches());
+    let prompts = [prompt(1, 5), prompt(2, 40), prompt(3, 77), prompt(4, 3)];
+    let steps = [6, 12, 4, 9];
+    let want: Vec<_> = prompts
+        .iter()
+        .zip(steps)
+        .map(|(p, n)| alone(&m, p, n))
+        .collect();
+
+    // All four run at once: prompts are chunked and interleaved with the others' decodes, and
+    // sequences leave at different steps.
+    let runs: Vec<Task<'_, Run>> = prompts
+        .iter()
+        .zip(steps)
+        .map(|(p, n)| {
+            let engine = engine.clone();
+            let p = p.clone();
+            Box::pin(async move {
+                let seq = engine.open("t").await.unwrap();
+                let first = seq.feed(p.clone(), true).await.unwrap().unwrap();
+                let mut tok = argmax(&first);
+                let mut toks = vec![tok];
+                let mut last = first.clone();
+                for _ in 1..n {
+                    last = seq.feed(vec![tok], true).await.unwrap().unwrap();
+                    tok = argmax(&last);
+                    toks.push(tok);
+                }
+                assert_eq!(seq.len(), p.len() + n - 1);
+                (first, toks, last)
+            }) as Pin<Box<dyn Future<Output = _>>>
+        })
+        .collect();
+    let got = join_all(runs);
+    for (i, ((gf, gt, gl), (wf, wt, wl))) in got.iter().zip(&want).enumerate() {
+        assert_close(gf, wf, &format!("sequence {i} after its prompt"));
+        assert_close(gl, wl, &format!("sequence {i} at its last step"));
+        assert_eq!(gt, wt, "sequence {i}: greedy tokens");
+    }
+    let st = engine.stats();
+    assert!(st.steps > 0 && st.tokens_processed >= 125);
+}
+
+#[test]
+fn fork_and_prefix_reuse_equal_recomputation() {
+    let m = tiny_llama();
+    let engine = Engine::start(m.clone(), small_batches());
+    let p = prompt(9, 70); // two full pages of 32 and 6 tokens more
+    block_on(async {
+        let a = engine.open("t").await.unwrap();
+        let la = a.feed(p.clone(), true).await.unwrap().unwrap();
+        let b = a.fork().await.unwrap();
+        assert_eq!(b.len(), 70);
+        let lb = b.feed(vec![42], true).await.unwrap().unwrap();
+        // a continues differently; its shared tail page must not be disturbed by b's write.
+        let la2 = a.feed(vec![7], true).await.unwrap().unwrap();
+
+        let mut q = p.clone();
+        q.push(42);
+        assert_close(&lb, &alone(&m, &q, 1).0, "fork + 42");
+        q.pop();
+        q.push(7);
+        assert_close(&la2, &alone(&m, &q, 1).0, "original + 7");
+        assert_close(&la, &alone(&m, &p, 1).0, "prompt");
+        drop((a, b));
+
+        // Same tenant, same first 64 tokens: both pages come from the cache.
+        let hits = engine.stats().prefix_hit_tokens;
+        let c = engine.open("t").await.unwrap();
+        let mut r = p[..66].to_vec();
+        r.push(3);
+        let lc = c.feed(r.clone(), true).await.unwrap().unwrap();
+        assert_eq!(engine.stats().prefix_hit_tokens - hits, 64);
+        assert_close(&lc, &alone(&m, &r, 1).0, "prefix hit");
+
+        // Another tenant never hits this tenant's cache.
+        let d = engine.open("other").await.unwrap();
+        let ld = d.feed(r.clone(), true).await.unwrap().unwrap();
+        assert_eq!(engine.stats().prefix_hit_tokens - hits, 64);
+        assert_close(&ld, &lc, "other tenant recomputes");
+
+        // Truncate and refeed inside a cached page: copy-on-write keeps the cache intact.
+        c.truncate(40).await.unwrap();
+        assert_eq!(c.len(), 40);
+        c.feed(vec![5, 6], false).await.unwrap();
+        let e = engine.open("t").await.unwrap();
+        let le = e.feed(r.clone(), true).await.unwrap().unwrap();
+        assert_close(&le, &lc, "cache after a truncated writer");
+    });
+}
+
+#[test]
+fn quotas_are_enforced_with_named_errors() {
+    let m = tiny_llama();
+    let engine = Engine::start(m, small_batches());
+    engine.set_tenant(
+        "q",
+        TenantLimits {
+            max_sessions: Some(2),
+            max_kv_pages: Some(2),
+            ..Default::default()
+        },
+    );
+    block_on(async {
+        let a = engine.open("q").await.unwrap();
+        let b = engine.open("q").await.unwrap();
+        let e = engine.open("q").await.unwrap_err();
+        assert!(
+            matches!(e, SchedError::TooManySessions { limit: 2, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("session limit"));
+        let e = a.fork().await.unwrap_err();
+        assert!(matches!(e, SchedError::TooManySessions { .. }));
+        // Other tenants are not affected.
+        let _c = engine.open("free").await.unwrap();
+
+        // 2 pages = 64 tokens for the whole tenant.
+        a.feed(prompt(1, 40), false).await.unwrap();
+        let e = b.feed(prompt(2, 40), false).await.unwrap_err();
+        assert!(matches!(e, SchedError::KvQuota { limit: 2, .. }), "{e}");
+        assert!(e.to_string().contains("KV-cache quota"), "{e}");
+        // Fits once a's pages are released.
+        a.truncate(0).await.unwrap();
+        b.feed(prompt(2, 40), true).await.unwrap().unwrap();
+        assert_eq!(engine.stats().tenants["q"].kv_pages, 2);
+    });
+}
+
+#[test]
+fn full_pool_preempts_the_youngest_and_recomputes_it() {
+    let m = tiny_llama();
+    let engine = Engine::start(
+        m.clone(),
+        EngineConfig {
+            kv_tokens: 128, // 4 pages
+            prefix_cache: false,
+            ..small_batches()
+        },
+    );
+    let pa = prompt(5, 90); // 3 pages
+    let pb = prompt(6, 60); // 2 pages
+    block_on(async {
+        let a = engine.open("t").await.unwrap();
+        a.feed(pa.clone(), false).await.unwrap();
+        let b = engine.open("t").await.unwrap();
+        // b needs 2 pages, 1 is free: a (the only other holder) gives its pages up.
+        let lb = b.feed(pb.clone(), true).await.unwrap().unwrap();
+        assert_close(&lb, &alone(&m, &pb, 1).0, "b");
+        assert_eq!(engine.stats().preemptions, 1);
+        // a continues: it recomputes its 90 tokens, taking b's pages (b is younger).
+        let la = a.feed(vec![11], true).await.unwrap().unwrap();
+        let mut q = pa.clone();
+        q.push(11);
+        assert_close(&la, &alone(&m, &q, 1).0, "a after recomputation");
+        assert_eq!(a.len(), 91);
+        assert_eq!(engine.stats().preemptions, 2);
+        // And b, preempted, still gives the right answer.
+        let lb2 = b.feed(vec![12], true).await.unwrap().unwrap();
+        let mut q = pb.clone();
+        q.push(12);
+        assert_close(&lb2, &alone(&m, &q, 1).0, "b after recomputation");
+
+        // Larger than the whole pool: an error, not a hang.
+        let c = engine.open("t").await.unwrap();
+        drop((a, b));
+        let e = c.feed(prompt(7, 200), true).await.unwrap_err();
+        assert!(
+            matches!(e, SchedError::PoolTooSmall { total: 4, .. }),
+            "{e}"
+        );
+    });
+    // Closing is asynchronous: wait for the engine to get to it.
+    let freed = (0..100).any(|_| {
+        let st = engine.stats();
+        std::thread::sleep(Duration::from_millis(10));
+        st.pages_free == st.pages_total
+    });
+    assert!(freed, "everything freed: {:?}", engine.stats());
+}
+
+#[test]
+fn tenants_share_steps_fairly() {
+    let m = tiny_llama();
+    let engine = Engine::start(m, small_batches());
+    block_on(async {
+        let mut seqs = Vec::new();
+        for _ in 0..6 {
+            seqs.push(engine.open("busy").await.unwrap());
+        }
+        let lone = engine.open("lone").await.unwrap();
+        let mut futs: Vec<Pin<Box<dyn Future<Output = Option<u64>> + '_>>> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Box::pin(async move {
+                    s.feed(prompt(i as u32, 120), false).await.unwrap();
+                    None
+                }) as Pin<Box<dyn Future<Output = _>>>
+            })
+            .collect();
+        let engine2 = engine.clone();
+        futs.push(Box::pin(async move {
+            lone.feed(prompt(99, 120), false).await.unwrap();
+            // How far the busy tenant got while the lone one did all of its 120 tokens.
+            Some(engine2.stats().tenants["busy"].tokens_processed)
+        }));
+        let out = join_all(futs);
+        let busy_then = out.into_iter().flatten().next().unwrap();
+        // Round-robin by tenant: about as many tokens as the lone tenant (120), not 6x.
+        assert!(
+            busy_then <= 200,
+            "busy tenant processed {busy_then} meanwhile"
+        );
+    });
+}
+
+#[test]
+fn closing_and_cancelling_free_pages_at_once() {
+    let m = tiny_llama();
+    let engine = Engine::start(m, small_batches());
+    block_on(async {
+        let a = engine.open("t").await.unwrap();
+        a.feed(prompt(1, 100), false).await.unwrap();
+        let busy = engine.stats();
+        assert_eq!(busy.tenants["t"].kv_pages, 4);
+        drop(a);
+        let b = engine.open("t").await.unwrap();
+        // Close is a message; stats follow once the engine has handled it.
+        let settled = (0..100).any(|_| {
+            let st = engine.stats();
+            std::thread::sleep(Duration::from_millis(10));
+            st.tenants["t"].kv_pages == 0 && st.sequences == 1
+        });
+        assert!(settled, "{:?}", engine.stats());
+
+        // A feed whose caller went away is skipped.
+        let fut = b.feed(prompt(2, 500), true);
+        drop(fut);
+        let l = b.feed(vec![1], true).await.unwrap().unwrap();
+        assert!(!l.is_empty());
+        assert!(b.len() < 500);
+    });
+}
+
+#[test]
+fn errors_are_answers_not_crashes() {
+    let m = tiny_llama();
+    let n_vocab = m.hparams.n_vocab;
+    let engine = Engine::start(m, small_batches());
+    block_on(async {
+        let a = engine.open("t").await.unwrap();
+        let e = a.feed(vec![n_vocab as u32], true).await.unwrap_err();
+        assert!(matches!(e, SchedError::BadToken { .. }));
+        let e = a.truncate(3).await.unwrap_err();
+        assert!(matches!(e, SchedError::BadTruncate { len: 0, to: 3 }));
+        assert!(a.feed(vec![], true).await.is_err(), "no logits yet");
+        let l1 = a.feed(vec![5, 6, 7], true).await.unwrap().unwrap();
+        // Empty feed with logits recomputes the last position.
+        let l2 = a.feed(vec![], true).await.unwrap().unwrap();
+        assert_close(&l2, &l1, "logits of the current end");
+        assert_eq!(a.len(), 3);
+        let e = a.feed(vec![1; 5000], false).await.unwrap_err();
+        assert!(matches!(e, SchedError::ContextFull { .. }), "{e}");
+        // Still usable.
+        a.feed(vec![8], true).await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn tokens_per_minute_throttles_instead_of_failing() {
+    let m = tiny_llama();
+    let engine = Engine::start(m, small_batches());
+    engine.set_tenant(
+        "slow",
+        TenantLimits {
+            tokens_per_minute: Some(60),
+            ..Default::default()
+        },
+    );
+    let a = Arc::new(block_on(engine.open("slow")).unwrap());
+    block_on(a.feed(prompt(1, 50), false)).unwrap();
+    // 10 tokens left in the bucket, refilling at one a second: 50 more must wait, not fail.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let a2 = a.clone();
+    let worker = std::thread::spawn(move || {
+        tx.send(block_on(a2.feed(prompt(2, 50), false)).is_ok())
+            .unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(400)).is_err(),
+        "not throttled"
+    );
+    let done = engine.stats().tenants["slow"].tokens_processed;
+    assert!((50..=62).contains(&done), "processed {done}");
+    // Lifting the limit lets the queued work through.
+    engine.set_tenant("slow", TenantLimits::default());
+    assert!(rx.recv_timeout(Duration::from_secs(60)).unwrap());
+    worker.join().unwrap();
+    assert_eq!(a.len(), 100);
+}
