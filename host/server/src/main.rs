@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod serve;
 mod synth;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
     Synth(synth::Args),
+    /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
+    Serve(serve::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }

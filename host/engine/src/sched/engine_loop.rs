@@ -168,6 +168,9 @@ struct EngineLoop {
     rr: usize,
     stats: EngineStats,
     shared_stats: Arc<Mutex<EngineStats>>,
+    /// Sequences answered by the last pass that are likely to send their next token soon.
+    awaiting: Vec<u64>,
+    answered_at: Option<Instant>,
 }
 
 impl EngineLoop {
@@ -185,6 +188,8 @@ impl EngineLoop {
             rr: 0,
             stats: EngineStats::default(),
             shared_stats,
+            awaiting: Vec::new(),
+            answered_at: None,
         };
         this.publish();
         this
@@ -224,10 +229,42 @@ impl EngineLoop {
                     }
                 }
             }
+            if !disconnected && self.gather(&rx) {
+                disconnected = true;
+            }
             self.settle();
             self.step();
             self.publish();
         }
+    }
+
+    /// Waits (briefly, at most `cfg.batch_wait` after the last replies) for the sequences just
+    /// answered to send their next token, so that decoding streams stay in one batch instead of
+    /// the first caller back running a pass alone while the others sample. Returns true if the
+    /// channel was found disconnected.
+    fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
+        let Some(deadline) = self.answered_at.map(|t| t + self.cfg.batch_wait) else {
+            return false;
+        };
+        loop {
+            self.awaiting
+                .retain(|id| self.seqs.get(id).is_some_and(|s| s.ops.is_empty()));
+            if self.awaiting.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(m) => self.handle(m),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return true,
+            }
+        }
+        self.awaiting.clear();
+        self.answered_at = None;
+        false
     }
 
     fn has_runnable_work(&mut self) -> bool {
@@ -755,6 +792,10 @@ impl EngineLoop {
             let finished = seq.work() == 0 && matches!(seq.ops.front(), Some(Op::Feed(_)));
             if finished && let Some(Op::Feed(j)) = seq.ops.pop_front() {
                 let _ = j.reply.send(Ok(row.map(<[f32]>::to_vec)));
+                if seq.ops.is_empty() {
+                    self.awaiting.push(p.id);
+                    self.answered_at = Some(Instant::now());
+                }
             }
             let tenant = seq.tenant.clone();
             let t = self.tenant(&tenant);

@@ -39,6 +39,10 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Reuse KV pages of earlier prompts of the same tenant.
     pub prefix_cache: bool,
+    /// After answering decode steps, how long the engine may wait for those sequences' next
+    /// tokens before running a pass without them. Callers sample between steps; without this
+    /// the first one back would run a pass alone and batching would fall apart.
+    pub batch_wait: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +52,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             prefill_chunk: 128,
             prefix_cache: true,
+            batch_wait: std::time::Duration::from_millis(3),
         }
     }
 }

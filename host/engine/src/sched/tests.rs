@@ -100,6 +100,7 @@ fn small_batches() -> EngineConfig {
         max_batch_tokens: 24,
         prefill_chunk: 8,
         prefix_cache: true,
+        ..Default::default()
     }
 }
 
