@@ -7,9 +7,11 @@ pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod sample;
 pub mod sched;
 pub mod session;
 pub mod synth;
+pub mod template;
 pub mod tokenizer;
 
 pub use model::{LoadOptions, LogitsWanted, Model, SeqInput};
