@@ -25,10 +25,16 @@ enum Mode {
     /// After a value: `,`, a closing bracket, or (at the top level) the end.
     After,
     /// Inside a string; `esc` = 0 normal, 1 after a backslash, 2..=5 hex digits of `\u` left + 1.
-    Str { key: bool, esc: u8 },
+    Str {
+        key: bool,
+        esc: u8,
+    },
     Num(Num),
     /// Inside `true` / `false` / `null`: which word and how many bytes matched.
-    Lit { word: u8, pos: u8 },
+    Lit {
+        word: u8,
+        pos: u8,
+    },
     /// The top-level value is complete.
     Done,
 }
@@ -85,7 +91,11 @@ impl Trial<'_> {
     }
 
     fn end_value(&mut self, c: &mut Cursor) {
-        c.mode = if self.empty() { Mode::Done } else { Mode::After };
+        c.mode = if self.empty() {
+            Mode::Done
+        } else {
+            Mode::After
+        };
     }
 
     /// Feed one byte; false if it cannot continue a valid document.
@@ -94,7 +104,12 @@ impl Trial<'_> {
         if ws
             && matches!(
                 c.mode,
-                Mode::Value | Mode::ArrFirst | Mode::ObjFirst | Mode::Key | Mode::Colon | Mode::After
+                Mode::Value
+                    | Mode::ArrFirst
+                    | Mode::ObjFirst
+                    | Mode::Key
+                    | Mode::Colon
+                    | Mode::After
             )
         {
             if c.ws_run >= MAX_WS_RUN {
@@ -321,7 +336,8 @@ impl JsonConstraint {
         match self.cursor.mode {
             Mode::Done => true,
             Mode::Num(n) => {
-                self.stack.is_empty() && matches!(n, Num::Zero | Num::Int | Num::Frac | Num::ExpDigit)
+                self.stack.is_empty()
+                    && matches!(n, Num::Zero | Num::Int | Num::Frac | Num::ExpDigit)
             }
             _ => false,
         }
@@ -500,8 +516,17 @@ mod tests {
     #[test]
     fn rejects_invalid_documents() {
         for doc in [
-            "{", r#"{"a" 1}"#, "[1,]", "01", "tru", r#"{"a":1,}"#, "[1 2]", "\"a\nb\"", "{}}",
-            "1.", "-",
+            "{",
+            r#"{"a" 1}"#,
+            "[1,]",
+            "01",
+            "tru",
+            r#"{"a":1,}"#,
+            "[1 2]",
+            "\"a\nb\"",
+            "{}}",
+            "1.",
+            "-",
         ] {
             assert!(!accepts_all(doc, false), "{doc}");
         }
@@ -550,7 +575,10 @@ mod tests {
         assert_eq!(allowed(&c.mask(&vocab, &[eos])), vec![0, 9]);
         c.advance(b"{\"a");
         // Inside a string, anything printable goes.
-        assert_eq!(allowed(&c.mask(&vocab, &[eos])), vec![0, 1, 2, 3, 4, 5, 6, 8]);
+        assert_eq!(
+            allowed(&c.mask(&vocab, &[eos])),
+            vec![0, 1, 2, 3, 4, 5, 6, 8]
+        );
         c.advance(b"\":");
         assert_eq!(allowed(&c.mask(&vocab, &[eos])), vec![0, 2, 4, 5, 6, 9]);
         c.advance(b"1}");

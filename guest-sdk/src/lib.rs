@@ -201,7 +201,7 @@ macro_rules! export {
                     $crate::__dispatch($handler, request)
                 }
             }
-            $crate::bindings::__export_guest!(__RealmGuest with_types_in $crate::bindings);
+    $crate::bindings::__export_guest!(__RealmGuest with_types_in $crate::bindings);
         };
     };
 }

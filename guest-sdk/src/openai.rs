@@ -112,7 +112,8 @@ impl ChatRequest {
             repeat_penalty: self.repeat_penalty.unwrap_or(1.0),
             presence_penalty: presence,
             frequency_penalty: frequency,
-            penalty_last_n: if presence != 0.0 || frequency != 0.0 || self.repeat_penalty.is_some() {
+            penalty_last_n: if presence != 0.0 || frequency != 0.0 || self.repeat_penalty.is_some()
+            {
                 64
             } else {
                 0
@@ -155,7 +156,13 @@ pub struct Usage {
 
 impl ChatCompletion {
     /// A one-choice completion. `created` is left 0: guests see no clock (the host may fill it).
-    pub fn new(model: &str, content: String, finish_reason: &'static str, prompt: u32, completion: u32) -> Self {
+    pub fn new(
+        model: &str,
+        content: String,
+        finish_reason: &'static str,
+        prompt: u32,
+        completion: u32,
+    ) -> Self {
         ChatCompletion {
             id: "chatcmpl-realm".to_string(),
             object: "chat.completion",
@@ -209,9 +216,16 @@ mod tests {
         assert_eq!(req.stop_strings(), vec!["END"]);
         assert!(req.wants_json());
         let p = req.sampling_params().unwrap();
-        assert_eq!((p.temperature, p.top_p, p.top_k, p.seed), (0.2, 0.9, 0, Some(42)));
+        assert_eq!(
+            (p.temperature, p.top_p, p.top_k, p.seed),
+            (0.2, 0.9, 0, Some(42))
+        );
         assert_eq!(p.logit_bias.len(), 2);
-        assert!(p.logit_bias.iter().any(|b| b.token == 17 && b.bias == f32::NEG_INFINITY));
+        assert!(
+            p.logit_bias
+                .iter()
+                .any(|b| b.token == 17 && b.bias == f32::NEG_INFINITY)
+        );
         assert!(p.logit_bias.iter().any(|b| b.token == 3 && b.bias == 2.5));
     }
 

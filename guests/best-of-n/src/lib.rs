@@ -44,7 +44,11 @@ fn handle(req: ChatRequest) -> Result<Value, String> {
     for i in 0..n {
         let mut params = base.clone();
         // Distinct, reproducible draws per candidate.
-        params.seed = Some(base.seed.unwrap_or(0x5eed).wrapping_add(i as u64 * 0x9e37_79b9));
+        params.seed = Some(
+            base.seed
+                .unwrap_or(0x5eed)
+                .wrapping_add(i as u64 * 0x9e37_79b9),
+        );
         cands.push(Candidate {
             session: root.fork().map_err(e)?,
             params,

@@ -38,7 +38,13 @@ fn handle(req: Request) -> Result<Value, String> {
         Request::Chat(chat) => {
             let model = Model::open(chat.model.as_deref().unwrap_or("")).map_err(e)?;
             let prompt = chat_prompt(&model, chat).map_err(e)?;
-            (model, prompt, chat.sampling_params()?, chat.max_tokens(), true)
+            (
+                model,
+                prompt,
+                chat.sampling_params()?,
+                chat.max_tokens(),
+                true,
+            )
         }
         Request::Raw {
             prompt,
@@ -55,7 +61,13 @@ fn handle(req: Request) -> Result<Value, String> {
                 seed: *seed,
                 ..SamplingParams::default()
             };
-            (model, prompt, params, max_tokens.unwrap_or(256), object.unwrap_or(true))
+            (
+                model,
+                prompt,
+                params,
+                max_tokens.unwrap_or(256),
+                object.unwrap_or(true),
+            )
         }
     };
     let session = model.new_session().map_err(e)?;

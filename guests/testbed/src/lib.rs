@@ -17,8 +17,9 @@ enum Op {
     Loop,
     /// Allocate (and touch) `mb` MiB per step until something gives.
     Alloc { mb: usize },
-    /// Recurse without end.
-    Recurse,
+    /// Recurse without end: with `shadow`, frames hold arrays in linear memory (Rust's shadow
+    /// stack runs out); without, frames are scalars on the wasm stack (its limit traps).
+    Recurse { shadow: bool },
     /// Pass a string of `mb` MiB into a host call (`via`: "emit" or "open").
     BigString { mb: usize, via: String },
     /// Open sessions without dropping them.
@@ -47,6 +48,11 @@ enum Op {
 fn recurse(depth: u64, pad: [u64; 16]) -> u64 {
     let p = black_box(pad);
     recurse(depth + 1, p).wrapping_add(p[(depth % 16) as usize])
+}
+
+#[allow(unconditional_recursion)]
+fn recurse_scalar(depth: u64) -> u64 {
+    black_box(recurse_scalar(black_box(depth + 1))) ^ depth
 }
 
 fn open() -> Result<Model, String> {
@@ -84,7 +90,8 @@ fn handle(op: Op) -> Result<Value, String> {
                 black_box(&hoard);
             }
         }
-        Op::Recurse => Ok(json!(recurse(0, [1; 16]))),
+        Op::Recurse { shadow: true } => Ok(json!(recurse(0, [1; 16]))),
+        Op::Recurse { shadow: false } => Ok(json!(recurse_scalar(0))),
         Op::BigString { mb, via } => {
             let s = "x".repeat(mb << 20);
             match via.as_str() {
@@ -141,9 +148,13 @@ fn handle(op: Op) -> Result<Value, String> {
         Op::Wasi => {
             let env: Vec<(String, String)> = std::env::vars().collect();
             let args: Vec<String> = std::env::args().collect();
-            let root = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
+            let root = std::fs::read_dir("/")
+                .map(|d| d.count())
+                .map_err(|e| e.to_string());
             let cwd = std::env::current_dir().map_err(|e| e.to_string());
-            let file = std::fs::read("/etc/passwd").map(|b| b.len()).map_err(|e| e.to_string());
+            let file = std::fs::read("/etc/passwd")
+                .map(|b| b.len())
+                .map_err(|e| e.to_string());
             Ok(json!({
                 "env": env, "args": args,
                 "root_dir": format!("{root:?}"), "cwd": format!("{cwd:?}"),
@@ -155,8 +166,11 @@ fn handle(op: Op) -> Result<Value, String> {
             let s = model.new_session().map_err(e)?;
             s.feed(&model.tokenize(&prompt, true, false).map_err(e)?)
                 .map_err(e)?;
+            // The guest's clock (WASI monotonic clock) times the decode loop alone.
+            let t = std::time::Instant::now();
             let out = greedy_steps(&s, tokens)?;
-            Ok(json!({ "tokens": out }))
+            let secs = t.elapsed().as_secs_f64();
+            Ok(json!({ "tokens": out, "decode_seconds": secs }))
         }
         Op::Generate { prompt, tokens } => {
             let model = open()?;
