@@ -34,6 +34,12 @@ pub struct Args {
     /// engine loop (llama-batched-bench's pp/tg with N parallel sequences).
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
+    /// Instead of pp/tg, measure memory per tenant: N tenants each running the chat guest in one
+    /// process, against one process per tenant (see tenants_bench.rs).
+    #[arg(long)]
+    tenants: Option<usize>,
+    #[arg(long, hide = true)]
+    tenants_child: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -57,6 +63,12 @@ pub fn peak_rss() -> Option<u64> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(n) = a.tenants_child {
+        return crate::tenants_bench::child(&a.model, n, a.gen_tokens, a.threads);
+    }
+    if let Some(n) = a.tenants {
+        return crate::tenants_bench::run(&a.model, n.max(1), a.gen_tokens, a.threads, a.json);
+    }
     let t0 = Instant::now();
     let model = Model::load(&a.model, &LoadOptions { threads: a.threads })
         .with_context(|| format!("loading {}", a.model.display()))?;

@@ -6,6 +6,7 @@ mod models;
 mod run;
 mod serve;
 mod synth;
+mod tenants_bench;
 mod tokenize;
 
 use std::path::PathBuf;
