@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod guest;
 mod serve;
 mod synth;
 
@@ -28,6 +29,8 @@ enum Command {
     Synth(synth::Args),
     /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
     Serve(serve::Args),
+    /// Run guests locally and benchmark the guest runtime.
+    Guest(guest::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Guest(a) => guest::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
