@@ -196,7 +196,7 @@ impl HostState {
             .ctx
             .allowed_models
             .as_ref()
-            .is_none_or(|a| a.iter().any(|m| *m == name));
+            .is_none_or(|a| a.contains(&name));
         match models.get(&name) {
             Some(m) if allowed => Ok(m.clone()),
             _ => Err(HostError::Guest(wit::Error::NotFound(format!(

@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod models;
 mod run;
+mod guest;
 mod serve;
 mod synth;
 mod tenants_bench;
@@ -38,6 +39,8 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
     Serve(serve::Args),
+    /// Run guests locally and benchmark the guest runtime.
+    Guest(guest::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Run(a) => run::run(a),
+        Command::Guest(a) => guest::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }
