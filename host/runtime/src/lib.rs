@@ -339,6 +339,17 @@ impl Runtime {
             .map(|m| m.engine.clone())
     }
 
+    /// Guest instances `tenant` is running now.
+    pub fn live_instances(&self, tenant: &str) -> u32 {
+        self.inner
+            .instances
+            .lock()
+            .expect("instances lock")
+            .get(tenant)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Validates and compiles a guest (or returns the one already loaded with the same bytes).
     pub fn load_guest(&self, wasm: &[u8]) -> Result<Guest, RuntimeError> {
         let hash = hex(&Sha256::digest(wasm));

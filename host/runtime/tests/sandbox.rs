@@ -432,7 +432,7 @@ async fn instance_limit_per_tenant() {
     let rt = runtime();
     let limits = GuestLimits {
         max_instances: 1,
-        cpu_time: Duration::from_millis(400),
+        cpu_time: Duration::from_secs(2),
         ..GuestLimits::default()
     };
     let first = {
@@ -440,7 +440,11 @@ async fn instance_limit_per_tenant() {
         let c = ctx("one", limits.clone());
         tokio::spawn(async move { call(&rt, c, json!({"op": "loop"})).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.live_instances("one") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(rt.live_instances("one"), 1);
     let (r, _) = call(
         &rt,
         ctx("one", limits.clone()),
@@ -460,6 +464,7 @@ async fn instance_limit_per_tenant() {
     assert_eq!(limit_of(&r), Some(LimitKind::CpuTime));
     let (r, _) = call(&rt, ctx("one", limits), json!({"op": "echo", "text": "x"})).await;
     assert!(r.is_ok(), "the slot is released after the call: {r:?}");
+    assert_eq!(rt.live_instances("one"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
