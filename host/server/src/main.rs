@@ -2,9 +2,9 @@
 
 mod bench;
 mod eval;
+mod guest;
 mod models;
 mod run;
-mod guest;
 mod serve;
 mod synth;
 mod tenants_bench;

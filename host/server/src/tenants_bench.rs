@@ -132,7 +132,10 @@ fn spawn(model: &Path, tenants: usize, gen_tokens: usize, threads: usize) -> Res
 fn read_line(c: &mut Child) -> Result<String> {
     let mut s = String::new();
     if c.out.read_line(&mut s)? == 0 {
-        bail!("a benchmark child exited early (status {:?})", c.proc.wait()?);
+        bail!(
+            "a benchmark child exited early (status {:?})",
+            c.proc.wait()?
+        );
     }
     Ok(s.trim().to_string())
 }
@@ -160,7 +163,13 @@ fn measure(children: Vec<Child>) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-pub fn run(model: &PathBuf, tenants: usize, gen_tokens: usize, threads: usize, json_out: bool) -> Result<()> {
+pub fn run(
+    model: &PathBuf,
+    tenants: usize,
+    gen_tokens: usize,
+    threads: usize,
+    json_out: bool,
+) -> Result<()> {
     let mib = |b: u64| b as f64 / 1048576.0;
     let one = measure(vec![spawn(model, 1, gen_tokens, threads)?])?.remove(0);
     let many = measure(vec![spawn(model, tenants, gen_tokens, threads)?])?.remove(0);
@@ -188,10 +197,32 @@ pub fn run(model: &PathBuf, tenants: usize, gen_tokens: usize, threads: usize, j
         println!("{report}");
         return Ok(());
     }
-    println!("model file: {:.1} MiB; {} tenants, chat guest, {} tokens each", mib(std::fs::metadata(model)?.len()), tenants, gen_tokens);
-    println!("one process, 1 tenant:          peak RSS {:8.1} MiB  PSS {:8.1} MiB", mib(get(&one, "hwm")), mib(get(&one, "pss")));
-    println!("one process, {tenants:>2} tenants:        peak RSS {:8.1} MiB  PSS {:8.1} MiB  (+{:.1} MiB per extra tenant)", mib(get(&many, "hwm")), mib(get(&many, "pss")), per_tenant / 1048576.0);
-    println!("{tenants:>2} processes, 1 tenant each:  sum RSS  {:8.1} MiB  PSS {:8.1} MiB", mib(sum("hwm")), mib(sum("pss")));
-    println!("ratio ({tenants} processes / one process): {:.1}x by RSS, {:.1}x by PSS", report["ratio_rss"].as_f64().unwrap_or(0.0), report["ratio_pss"].as_f64().unwrap_or(0.0));
+    println!(
+        "model file: {:.1} MiB; {} tenants, chat guest, {} tokens each",
+        mib(std::fs::metadata(model)?.len()),
+        tenants,
+        gen_tokens
+    );
+    println!(
+        "one process, 1 tenant:          peak RSS {:8.1} MiB  PSS {:8.1} MiB",
+        mib(get(&one, "hwm")),
+        mib(get(&one, "pss"))
+    );
+    println!(
+        "one process, {tenants:>2} tenants:        peak RSS {:8.1} MiB  PSS {:8.1} MiB  (+{:.1} MiB per extra tenant)",
+        mib(get(&many, "hwm")),
+        mib(get(&many, "pss")),
+        per_tenant / 1048576.0
+    );
+    println!(
+        "{tenants:>2} processes, 1 tenant each:  sum RSS  {:8.1} MiB  PSS {:8.1} MiB",
+        mib(sum("hwm")),
+        mib(sum("pss"))
+    );
+    println!(
+        "ratio ({tenants} processes / one process): {:.1}x by RSS, {:.1}x by PSS",
+        report["ratio_rss"].as_f64().unwrap_or(0.0),
+        report["ratio_pss"].as_f64().unwrap_or(0.0)
+    );
     Ok(())
 }
