@@ -77,47 +77,4 @@ guest runtime yet (issue 6, branch http-runtime). Meanwhile, generation through 
 
 Ctrl-C stops the server.
 EOF
-wait "$pid" 2>/dev/null || true' INT TERM EXIT
-
-echo "waiting for $base/readyz ..." >&2
-for _ in $(seq 1 600); do
-    curl -sf "$base/readyz" >/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { echo "realm serve exited" >&2; exit 1; }
-    sleep 0.2
-done
-curl -sf "$base/readyz" >/dev/null || { echo "not ready after 120 s" >&2; exit 1; }
-
-# The demo tenant's key is shown once by the API; keep it beside the database.
-keyfile="$data/demo-key"
-admin=(-H "Authorization: Bearer $REALM_ADMIN_TOKEN" -H 'Content-Type: application/json')
-if [ ! -s "$keyfile" ]; then
-    code=$(curl -s -o "$data/.demo.json" -w '%{http_code}' -X POST "$base/admin/tenants" "${admin[@]}" \
-        -d '{"name":"demo"}')
-    if [ "$code" = 409 ]; then
-        # The tenant exists but its key was lost: rotate it.
-        id=$(curl -sf "$base/admin/tenants" "${admin[@]}" | python3 -c \
-            'import json,sys; print(next(t["id"] for t in json.load(sys.stdin)["data"] if t["name"] == "demo"))')
-        curl -sf -X POST "$base/admin/tenants/$id/keys" "${admin[@]}" -o "$data/.demo.json"
-    elif [ "$code" != 201 ]; then
-        echo "creating the demo tenant failed (HTTP $code):" >&2
-        cat "$data/.demo.json" >&2
-        exit 1
-    fi
-    (umask 077 && python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])' \
-        <"$data/.demo.json" >"$keyfile")
-    rm -f "$data/.demo.json"
-fi
-key=$(cat "$keyfile")
-
-cat >&2 <<EOF
-
-Realm is serving $(basename "$model") on $base (tenant "demo", key in $keyfile).
-Try:
-
-  curl -s $base/v1/chat/completions -H "Authorization: Bearer $key" \\
-    -H 'Content-Type: application/json' \\
-    -d '{"model":"$(basename "$model" .gguf)","messages":[{"role":"user","content":"Q: What is the capital of France?\nA:"}],"max_tokens":16,"temperature":0}'
-
-Ctrl-C stops the server.
-EOF
 wait "$pid"
