@@ -408,3 +408,36 @@ fn tokens_per_minute_throttles_instead_of_failing() {
     worker.join().unwrap();
     assert_eq!(a.len(), 100);
 }
+
+#[test]
+fn two_models_serve_at_once() {
+    let llama = tiny_llama();
+    let qwen = Arc::new(
+        Model::load(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/models/tiny-qwen2-gpt2vocab.gguf"),
+            &LoadOptions { threads: 2 },
+        )
+        .unwrap(),
+    );
+    let (e1, e2) = (
+        Engine::start(llama.clone(), small_batches()),
+        Engine::start(qwen.clone(), small_batches()),
+    );
+    let (p1, p2) = (prompt(1, 20), prompt(2, 20));
+    let runs: Vec<Task<'_, Vec<f32>>> = vec![
+        Box::pin(async {
+            let s = e1.open("t").await.unwrap();
+            s.feed(p1.clone(), true).await.unwrap().unwrap()
+        }),
+        Box::pin(async {
+            let s = e2.open("t").await.unwrap();
+            let p: Vec<u32> = p2.iter().map(|t| t % 50_000).collect();
+            s.feed(p, true).await.unwrap().unwrap()
+        }),
+    ];
+    let got = join_all(runs);
+    assert_close(&got[0], &alone(&llama, &p1, 1).0, "llama engine");
+    let p: Vec<u32> = p2.iter().map(|t| t % 50_000).collect();
+    assert_close(&got[1], &alone(&qwen, &p, 1).0, "qwen2 engine");
+}
