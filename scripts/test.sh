@@ -18,6 +18,9 @@ scripts/fetch-model.sh >/dev/null
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+# The guest SDK and the guests are workspaces of their own (wasm32-wasip2).
+cargo fmt --manifest-path guest-sdk/Cargo.toml -- --check
+cargo fmt --manifest-path guests/Cargo.toml --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -28,6 +31,9 @@ cargo test --workspace -- --test-threads 2
 step "realm serve end to end (real binary on a loopback port, curl)"
 cargo build -p realm
 REALM_BIN=target/debug/realm scripts/test-serve.sh
+
+step "guest SDK unit tests (host target)"
+cargo test --manifest-path guest-sdk/Cargo.toml
 
 step "fetch-model script against a local package index"
 scripts/test-fetch-model.sh

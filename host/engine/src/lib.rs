@@ -7,9 +7,11 @@ pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod sample;
 pub mod sched;
 pub mod session;
 pub mod synth;
+pub mod template;
 pub mod tokenizer;
 
 pub use model::{LoadOptions, LogitsWanted, Model, SeqInput};
@@ -30,6 +32,8 @@ pub enum Error {
     UnsupportedArchitecture(String),
     #[error("invalid model: {0}")]
     BadModel(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("token id {token} is out of range (vocabulary has {n_vocab} tokens)")]
     BadToken { token: u32, n_vocab: usize },
     #[error("could not start worker threads: {0}")]

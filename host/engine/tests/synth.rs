@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use realm_engine::gguf::GgufFile;
 use realm_engine::quant::GgmlType;
 use realm_engine::synth::{self, QuantMix, SynthSpec};
-use realm_engine::tokenizer::{TokenType, Vocab};
+use realm_engine::tokenizer::{TokenType, Tokenizer};
 use realm_engine::{LoadOptions, Model, Session};
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -115,14 +115,20 @@ fn check_model(preset: &str, quant: QuantMix) {
     );
     assert_eq!(f.tensor("output.weight").is_none(), spec.tied_embeddings);
 
-    let vocab = Vocab::from_gguf(&f).unwrap();
-    assert_eq!(vocab.len(), spec.n_vocab);
+    let vocab = Tokenizer::from_gguf(&f).unwrap();
+    assert_eq!(vocab.n_vocab(), spec.n_vocab);
     assert_eq!(
-        (vocab.bos, vocab.eos, vocab.add_bos),
+        (vocab.bos(), vocab.eos(), vocab.add_bos()),
         (Some(1), Some(2), true)
     );
-    assert_eq!(vocab.types[3 + 0x41], TokenType::Byte);
+    assert_eq!(vocab.token_type(3 + 0x41), Some(TokenType::Byte));
     assert_eq!(vocab.decode(&[1, 3 + 0x68, 3 + 0x69, 2]), "hi");
+    // The filler vocabulary has no letters, so text (after the "▁" space prefix) falls back to
+    // byte tokens.
+    assert_eq!(
+        vocab.encode("hi", true, false),
+        [1, 3 + 0xE2, 3 + 0x96, 3 + 0x81, 3 + 0x68, 3 + 0x69]
+    );
     drop(f);
 
     let model = Model::load(&path, &LoadOptions { threads: 2 }).unwrap();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use realm_engine::session::{argmax, top_k};
-use realm_engine::tokenizer::Vocab;
+use realm_engine::tokenizer::Tokenizer;
 use realm_engine::{LoadOptions, Model, Session};
 use serde::Deserialize;
 use serde_json::json;
@@ -111,15 +111,21 @@ pub fn run(a: Args) -> Result<()> {
     }
     let model = Model::load(&a.model, &LoadOptions { threads: a.threads })
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let vocab = Vocab::from_gguf(&model.file).ok();
+    let tokenizer = Tokenizer::from_gguf(&model.file);
+    if let Ok(t) = &tokenizer {
+        for w in t.warnings() {
+            eprintln!("warning: {w}");
+        }
+    }
     let n_vocab = model.hparams.n_vocab;
     for p in prompts {
         let tokens = match (p.tokens, &p.text) {
             (Some(t), _) => t,
-            (None, Some(_)) => bail!(
-                "this build cannot tokenize text yet (the tokenizer lands with the text layer); \
-                 pass token ids with --tokens, or a prompts file with `prompt_tokens`"
-            ),
+            // As llama.cpp's tools do: BOS as the model asks, special tokens parsed.
+            (None, Some(text)) => match &tokenizer {
+                Ok(t) => t.encode(text, true, true),
+                Err(e) => bail!("cannot tokenize the prompt: {e}"),
+            },
             (None, None) => bail!("a prompt entry has neither `prompt` nor `prompt_tokens`"),
         };
         if tokens.is_empty() {
@@ -147,7 +153,7 @@ pub fn run(a: Args) -> Result<()> {
             "top_logits": top.iter().map(|&(t, l)| json!([t, round(l)])).collect::<Vec<_>>(),
             "greedy": greedy,
             "greedy_gaps": gaps.iter().map(|&g| (g as f64 * 1e4).round() / 1e4).collect::<Vec<_>>(),
-            "greedy_text": vocab.as_ref().map(|v| v.decode(&greedy)).unwrap_or_default(),
+            "greedy_text": tokenizer.as_ref().map(|t| t.decode(&greedy)).unwrap_or_default(),
         });
         println!("{line}");
     }

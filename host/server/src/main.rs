@@ -2,8 +2,11 @@
 
 mod bench;
 mod eval;
+mod models;
+mod run;
 mod serve;
 mod synth;
+mod tokenize;
 
 use std::path::PathBuf;
 
@@ -26,6 +29,12 @@ enum Command {
     Bench(bench::Args),
     /// Write a random-weight GGUF model of a given architecture and shape (for benchmarks).
     Synth(synth::Args),
+    /// Generate text from a prompt (streamed), or chat with --chat.
+    Run(run::Args),
+    /// List the GGUF models under some directories (default ./models and $REALM_MODELS).
+    Models(models::Args),
+    /// Tokenize text with a GGUF file's tokenizer (ids, llama.cpp test vectors, or throughput).
+    Tokenize(tokenize::Args),
     /// Run the HTTP service (OpenAI-compatible tenant API, guests, admin API, metrics).
     Serve(serve::Args),
     /// Print a GGUF file's metadata and tensor directory.
@@ -43,7 +52,10 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Models(a) => models::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Run(a) => run::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }

@@ -8,7 +8,7 @@ use std::hint::black_box;
 use libfuzzer_sys::fuzz_target;
 use realm_engine::gguf::{GgufFile, Value};
 use realm_engine::model::Hparams;
-use realm_engine::tokenizer::Vocab;
+use realm_engine::tokenizer::Tokenizer;
 use realm_engine::{LoadOptions, Model};
 
 /// Reads every part of a metadata value, recursively.
@@ -46,8 +46,9 @@ fuzz_target!(|data: &[u8]| {
     }
     black_box(acc);
 
-    if let Ok(vocab) = Vocab::from_gguf(&f) {
-        black_box(vocab.decode(&[0, 1, 2, 3, 300, u32::MAX]));
+    if let Ok(tok) = Tokenizer::from_gguf(&f) {
+        black_box(tok.decode(&[0, 1, 2, 3, 300, u32::MAX]));
+        black_box(tok.encode("Hello, <s> wörld 🦙 1234\n", true, true));
     }
     black_box(Hparams::from_gguf(&f).ok());
     // Loading a valid seed succeeds; anything else must be an error.

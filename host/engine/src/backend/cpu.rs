@@ -13,6 +13,8 @@ use crate::quant::{self, GgmlType};
 /// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
 /// task's weight rows stream past them.
 const TOKEN_BLOCK: usize = 64;
+/// Weight rows per kernel call in a matrix-matrix product.
+const ROW_BLOCK: usize = 256;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -66,31 +68,50 @@ impl CpuBackend {
         let rb = w.row_bytes();
         let wd = w.data();
         let chunk = rows_per_task(m, self.threads);
-        // Transposed result [m, n], so that each task owns a contiguous block of rows. Each task
-        // hands its rows and all tokens to the tiled kernel, which unpacks every weight block
-        // once per register tile instead of once per token.
-        let mut yt = vec![0f32; m * n];
-        yt.par_chunks_mut(chunk * n)
+        // Each task owns rows [r0, r0 + rows) of the weight, i.e. the same column range of every
+        // token's output row: split y that way so tasks write their results straight into place.
+        let n_tasks = m.div_ceil(chunk);
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(n)).collect();
+        for token_row in y.chunks_mut(m) {
+            for (t, part) in token_row.chunks_mut(chunk).enumerate() {
+                parts[t].push(part);
+            }
+        }
+        parts
+            .into_par_iter()
             .enumerate()
-            .for_each(|(ci, ys)| {
+            .for_each(|(ci, mut outs)| {
                 let r0 = ci * chunk;
-                let rows = ys.len() / n;
-                for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                    let cols = TOKEN_BLOCK.min(n - t0);
-                    (kern.gemm)(
-                        k,
-                        &wd[r0 * rb..(r0 + rows) * rb],
-                        rb,
-                        rows,
-                        &xq[t0 * arb..(t0 + cols) * arb],
-                        arb,
-                        cols,
-                        &mut ys[t0..],
-                        n,
-                    );
+                let rows = outs[0].len();
+                // The kernel writes [rows, tokens]; a small block of rows at a time stays in cache
+                // while it is scattered to the tokens' rows (and its weights stay in L2 across the
+                // token tiles).
+                let mut tile = vec![0f32; ROW_BLOCK.min(rows) * n];
+                for b0 in (0..rows).step_by(ROW_BLOCK) {
+                    let br = ROW_BLOCK.min(rows - b0);
+                    let tile = &mut tile[..br * n];
+                    let wrows = &wd[(r0 + b0) * rb..(r0 + b0 + br) * rb];
+                    for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                        let cols = TOKEN_BLOCK.min(n - t0);
+                        (kern.gemm)(
+                            k,
+                            wrows,
+                            rb,
+                            br,
+                            &xq[t0 * arb..(t0 + cols) * arb],
+                            arb,
+                            cols,
+                            &mut tile[t0..],
+                            n,
+                        );
+                    }
+                    for (t, out) in outs.iter_mut().enumerate() {
+                        for (r, o) in out[b0..b0 + br].iter_mut().enumerate() {
+                            *o = tile[r * n + t];
+                        }
+                    }
                 }
             });
-        transpose(&yt, m, n, y);
     }
 
     /// Several products of the same input (Q/K/V, gate/up). A decode step's products are small,
@@ -257,19 +278,6 @@ fn rows_per_task(m: usize, threads: usize) -> usize {
     // scheduling overhead shows on small matrices.
     let tasks = threads * 8;
     m.div_ceil(tasks).clamp(16, 4096).min(m.max(1))
-}
-
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
 }
 
 /// Dequantizes row `i` of `w` into `out` (embedding lookup).
@@ -517,17 +525,5 @@ mod tests {
         rms_norm(&mut x, &[1.0, 1.0, 1.0, 1.0], 0.0);
         let rms = (x.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
         assert!((rms - 1.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn transpose_round_trip() {
-        let src: Vec<f32> = (0..35).map(|i| i as f32).collect();
-        let mut t = vec![0.0; 35];
-        transpose(&src, 5, 7, &mut t);
-        // Element (row 0, col 1) of the source is (row 1, col 0) of the transpose.
-        assert_eq!(t[5], src[1]);
-        let mut back = vec![0.0; 35];
-        transpose(&t, 7, 5, &mut back);
-        assert_eq!(back, src);
     }
 }
