@@ -247,6 +247,8 @@ pub async fn invoke(
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("text/event-stream"));
+    // The guest first: naming another tenant's guest is a 404 whether or not a model is loaded.
+    let guest = crate::infer::resolve_guest(&s, &t, &name).await?;
     let model = match params.model {
         Some(m) => {
             if s.models.get(&m).is_none() {
@@ -263,7 +265,6 @@ pub async fn invoke(
             .default_model(s.config.default_model.as_deref())
             .ok_or_else(|| ApiError::unavailable("no model is loaded"))?,
     };
-    let guest = crate::infer::resolve_guest(&s, &t, &name).await?;
     let mut call = crate::infer::Call::new(&s, &t, &name, &model);
     let (mut rx, calls) =
         crate::infer::spawn_calls(&s, &t, &guest, &model, vec![input.to_string()]);
