@@ -2,7 +2,8 @@
 # End-to-end test of `realm serve`: starts the real binary on a loopback port, drives it with
 # curl (health, admin API, tenant auth, OpenAI-shaped errors, metrics, OpenAPI), stops it with
 # SIGTERM (graceful shutdown must exit 0), restarts it on the same data directory and checks that
-# the tenant and its key survived.
+# the tenant and its key survived. With a model (REALM_TEST_MODEL, default: the tiny fixture model;
+# empty = none) it also lists models and runs one chat completion, plain and streamed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +19,14 @@ fail() { echo "test-serve: $*" >&2; echo "--- server log:" >&2; cat "$log" >&2; 
 export REALM_ADMIN_TOKEN=e2e-admin-token-0123456789
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
+model=${REALM_TEST_MODEL-tests/fixtures/models/tiny-llama-mixed.gguf}
+model_args=()
+[ -n "$model" ] && model_args=(--model "$model" --threads 1)
 
 start() {
-    "$bin" serve --listen "127.0.0.1:$port" --data-dir "$data" >>"$log" 2>&1 &
+    "$bin" serve --listen "127.0.0.1:$port" --data-dir "$data" "${model_args[@]}" >>"$log" 2>&1 &
     pid=$!
-    for _ in $(seq 100); do
+    for _ in $(seq 300); do
         curl -fsS "$base/readyz" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
@@ -49,6 +53,25 @@ python3 -c 'import json,sys; e=json.load(sys.stdin)["error"]; assert e["type"]==
 curl -fsS "$base/metrics" | grep -q "realm_http_requests_total{tenant=\"$id\"" || fail metrics
 curl -fsS "$base/openapi.json" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert "/admin/tenants" in d["paths"]' || fail openapi
 curl -fsS -D - -o /dev/null "$base/healthz" | grep -qi '^x-request-id:' || fail "request id"
+if [ -n "$model" ]; then
+    name=$(basename "$model" .gguf)
+    tenant=(-H "Authorization: Bearer $key" -H 'Content-Type: application/json')
+    curl -fsS "$base/v1/models" "${tenant[@]}" | grep -q "\"id\":\"$name\"" || fail "model not listed"
+    req='{"messages":[{"role":"user","content":"Hello"}],"max_tokens":4,"temperature":0}'
+    resp=$(curl -fsS -X POST "$base/v1/chat/completions" "${tenant[@]}" -d "$req") || fail "chat completion"
+    python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r["object"] == "chat.completion", r
+assert r["choices"][0]["message"]["role"] == "assistant", r
+assert r["choices"][0]["finish_reason"] in ("length", "stop"), r
+assert r["usage"]["completion_tokens"] <= 4 and r["usage"]["prompt_tokens"] > 0, r
+' <<<"$resp" || fail "chat completion shape: $resp"
+    sreq='{"messages":[{"role":"user","content":"Hello"}],"max_tokens":4,"stream":true,"stream_options":{"include_usage":true}}'
+    sse=$(curl -fsSN -X POST "$base/v1/chat/completions" "${tenant[@]}" -d "$sreq") || fail "streamed chat completion"
+    [ "$(grep '^data:' <<<"$sse" | tail -n1)" = "data: [DONE]" ] || fail "stream did not end with [DONE]: $sse"
+    grep '^data: {' <<<"$sse" | tail -n1 | grep -q '"completion_tokens"' || fail "stream without usage: $sse"
+fi
 stop
 
 start

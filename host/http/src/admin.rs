@@ -241,3 +241,95 @@ pub async fn tenant_usage(
 ) -> Result<Json<UsageReport>, ApiError> {
     Ok(Json(crate::usage_report(&s, &id)?))
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadModel {
+    /// A GGUF file; relative paths are resolved against the configured `models_dir`.
+    pub path: std::path::PathBuf,
+    /// Name to serve it under (default: the file stem).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelStatus {
+    #[serde(flatten)]
+    pub model: crate::models::LoadedModel,
+    pub kv_pages_total: usize,
+    pub kv_pages_free: usize,
+    pub sequences: usize,
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelStatusList {
+    pub object: String,
+    pub data: Vec<ModelStatus>,
+}
+
+fn status(s: &Shared, m: crate::models::LoadedModel) -> ModelStatus {
+    let st = s
+        .models
+        .runtime
+        .engine(&m.name)
+        .map(|e| e.stats())
+        .unwrap_or_default();
+    ModelStatus {
+        model: m,
+        kv_pages_total: st.pages_total,
+        kv_pages_free: st.pages_free,
+        sequences: st.sequences,
+        queue_depth: st.queue_depth,
+    }
+}
+
+#[utoipa::path(get, path = "/admin/models", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, body = ModelStatusList)))]
+pub async fn list_models(State(s): State<Shared>) -> Json<ModelStatusList> {
+    let data = s.models.list().into_iter().map(|m| status(&s, m)).collect();
+    Json(ModelStatusList {
+        object: "list".into(),
+        data,
+    })
+}
+
+#[utoipa::path(post, path = "/admin/models", tag = "admin", security(("admin_token" = [])),
+    request_body = LoadModel,
+    responses((status = 201, body = ModelStatus), (status = 404, body = crate::error::ErrorBody),
+        (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+pub async fn load_model(
+    State(s): State<Shared>,
+    ApiJson(req): ApiJson<LoadModel>,
+) -> Result<Response, ApiError> {
+    let path = match (&s.config.models_dir, req.path.is_relative()) {
+        (Some(dir), true) => dir.join(&req.path),
+        _ => req.path.clone(),
+    };
+    if !path.is_file() {
+        return Err(
+            ApiError::not_found(format!("no model file at {}", path.display())).param("path"),
+        );
+    }
+    let name = req.name.unwrap_or_else(|| crate::config::model_name(&path));
+    validate_name(&name)?;
+    let m = crate::load_model(&s, &name, &path).await?;
+    Ok((StatusCode::CREATED, Json(status(&s, m))).into_response())
+}
+
+#[utoipa::path(delete, path = "/admin/models/{name}", tag = "admin", security(("admin_token" = [])),
+    params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn unload_model(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if s.models.unload(&name) {
+        tracing::info!(model = %name, "model unloaded");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(
+            ApiError::not_found(format!("the model {name:?} is not loaded"))
+                .code("model_not_found"),
+        )
+    }
+}

@@ -37,6 +37,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Models(#[from] crate::models::ModelError),
 }
 
 pub struct AppState {
@@ -46,6 +48,7 @@ pub struct AppState {
     pub tenants: Directory,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
+    pub models: crate::models::Models,
     /// False until startup has loaded the configured models, and again once shutdown begins.
     pub ready: AtomicBool,
 }
@@ -70,6 +73,7 @@ impl AppState {
             tracing::info!(files = swept, "removed unreferenced or partial guest files");
         }
         let tenants = Directory::new(store.tenants()?);
+        let models = crate::models::Models::new(&dd.join("cache"))?;
         Ok(Arc::new(AppState {
             config,
             store,
@@ -77,6 +81,7 @@ impl AppState {
             tenants,
             limiter: RateLimiter::default(),
             metrics: Metrics::new(),
+            models,
             ready: AtomicBool::new(false),
         }))
     }
@@ -232,6 +237,7 @@ pub async fn readyz(State(s): State<Shared>) -> Response {
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
+    s.models.update_metrics(&s.metrics);
     (
         [(
             header::CONTENT_TYPE,
@@ -245,9 +251,19 @@ async fn metrics(State(s): State<Shared>) -> Response {
 pub fn router(state: Shared) -> Router {
     let limits = &state.config.limits;
     let tenant = Router::new()
+        .route("/v1/models", get(v1::list_models))
+        .route("/v1/models/{model}", get(v1::get_model))
+        .route("/v1/chat/completions", post(v1::chat_completions))
+        .route("/v1/completions", post(v1::completions))
         .route("/v1/usage", get(v1::usage))
-        .route("/v1/guests", get(guests::list))
+        .route(
+            "/v1/guests",
+            get(guests::list)
+                .post(guests::upload)
+                .layer(DefaultBodyLimit::max(limits.max_guest_bytes)),
+        )
         .route("/v1/guests/{name}", get(guests::get).delete(guests::delete))
+        .route("/v1/guests/{name}/invoke", post(guests::invoke))
         .route_layer(from_fn_with_state(state.clone(), tenant_auth));
     let admin = Router::new()
         .route(
@@ -262,6 +278,14 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/admin/tenants/{id}/keys", post(admin::rotate_key))
         .route("/admin/tenants/{id}/usage", get(admin::tenant_usage))
+        .route(
+            "/admin/models",
+            get(admin::list_models).post(admin::load_model),
+        )
+        .route(
+            "/admin/models/{name}",
+            axum::routing::delete(admin::unload_model),
+        )
         .route_layer(from_fn_with_state(state.clone(), admin_auth));
     let timeout = Duration::from_secs(limits.request_timeout_secs);
     let max_body = limits.max_body_bytes;
@@ -343,10 +367,25 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// Loads the configured models off the async runtime's workers, then marks the server ready.
+/// Loads the configured models, then marks the server ready. A model that fails to load is
+/// logged and skipped (the server stays up, serving the others, and `/readyz` turns ready once
+/// every load has been tried), so that one bad file does not take the service down.
 pub fn load_models_in_background(state: Shared) {
     tokio::spawn(async move {
+        let paths = match state.config.model_paths() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "could not list models");
+                Vec::new()
+            }
+        };
+        for p in paths {
+            let name = crate::config::model_name(&p);
+            if let Err(e) = crate::load_model(&state, &name, &p).await {
+                tracing::error!(model = %name, path = %p.display(), error = %e.message, "model not loaded");
+            }
+        }
         state.set_ready(true);
-        tracing::info!("ready");
+        tracing::info!(models = state.models.list().len(), "ready");
     });
 }

@@ -62,6 +62,7 @@ pub struct Config {
     /// `text` (human) or `json` (one object per line) logs.
     pub log_format: LogFormat,
     pub limits: Limits,
+    pub engine: EngineSettings,
     /// Quotas given to tenants created without explicit ones.
     pub tenant_defaults: Quotas,
 }
@@ -92,6 +93,22 @@ pub struct Limits {
     pub max_tokens: u32,
 }
 
+/// Settings of each model's engine loop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// KV cache capacity per model, in token positions, shared by all sequences.
+    pub kv_tokens: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            kv_tokens: realm_engine::sched::EngineConfig::default().kv_tokens,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -117,6 +134,7 @@ impl Default for Config {
             threads: 0,
             log_format: LogFormat::Text,
             limits: Limits::default(),
+            engine: EngineSettings::default(),
             tenant_defaults: Quotas::default(),
         }
     }

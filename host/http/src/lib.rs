@@ -12,7 +12,9 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod guests;
+pub mod infer;
 pub mod metrics;
+pub mod models;
 pub mod openapi;
 pub mod ratelimit;
 pub mod store;
@@ -25,14 +27,50 @@ use crate::admin::UsageReport;
 use crate::error::ApiError;
 use crate::store::Tenant;
 
-/// Applies a tenant's (new) quotas wherever they are enforced outside the request path.
-pub(crate) fn tenant_changed(_s: &AppState, _t: &Tenant) {}
+/// Applies a tenant's (new) quotas where the engines enforce them.
+pub(crate) fn tenant_changed(s: &AppState, t: &Tenant) {
+    s.models.set_tenant(t);
+}
 
 pub(crate) fn usage_report(s: &AppState, tenant: &str) -> Result<UsageReport, ApiError> {
+    let usage = s.store.usage(tenant)?;
+    let (kv_pages, sessions) = s.models.tenant_stats(tenant);
     Ok(UsageReport {
         tenant: tenant.to_string(),
-        usage: s.store.usage(tenant)?,
-        kv_pages: Default::default(),
-        sessions: Default::default(),
+        usage,
+        kv_pages,
+        sessions,
     })
+}
+
+/// Loads a model file under `name` with the server's engine settings and every tenant's limits.
+pub async fn load_model(
+    s: &AppState,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<models::LoadedModel, ApiError> {
+    let cfg = realm_engine::sched::EngineConfig {
+        kv_tokens: s.config.engine.kv_tokens,
+        ..Default::default()
+    };
+    let tenants = s.tenants.all();
+    match s
+        .models
+        .load(name, path, s.config.threads, cfg, &tenants)
+        .await
+    {
+        Ok(m) => {
+            tracing::info!(model = %name, path = %path.display(), "model loaded");
+            Ok(m)
+        }
+        Err(models::ModelError::Duplicate(n)) => Err(ApiError::conflict(format!(
+            "a model named {n:?} is already loaded"
+        ))),
+        Err(models::ModelError::Load { path, detail }) => Err(ApiError::unprocessable(format!(
+            "could not load {}: {detail}",
+            path.display()
+        ))
+        .param("path")),
+        Err(e) => Err(ApiError::internal(e)),
+    }
 }

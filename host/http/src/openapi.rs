@@ -37,11 +37,14 @@ impl Modify for Security {
     modifiers(&Security),
     paths(
         crate::app::readyz,
-        crate::v1::usage,
-        crate::guests::list, crate::guests::get, crate::guests::delete,
+        crate::v1::list_models, crate::v1::get_model, crate::v1::chat_completions,
+        crate::v1::completions, crate::v1::usage,
+        crate::guests::list, crate::guests::get, crate::guests::delete, crate::guests::upload,
+        crate::guests::invoke,
         crate::admin::create_tenant, crate::admin::list_tenants, crate::admin::get_tenant,
         crate::admin::update_tenant, crate::admin::delete_tenant, crate::admin::rotate_key,
-        crate::admin::tenant_usage,
+        crate::admin::tenant_usage, crate::admin::list_models, crate::admin::load_model,
+        crate::admin::unload_model,
     ),
     components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail, crate::store::Quotas))
 )]

@@ -43,6 +43,8 @@ pub struct Quotas {
     pub max_kv_pages: Option<usize>,
     /// Concurrent sequences this tenant may hold, per model.
     pub max_sessions: Option<usize>,
+    /// Tokens (prompt and generated) per minute, per model; work beyond it waits.
+    pub tokens_per_minute: Option<u32>,
     /// Scheduler weight relative to other tenants.
     pub weight: u32,
     /// Most tokens one request may generate.
@@ -64,6 +66,7 @@ impl Default for Quotas {
             burst: 60,
             max_kv_pages: None,
             max_sessions: None,
+            tokens_per_minute: None,
             weight: 1,
             max_tokens: None,
             guest_memory_bytes: 256 << 20,

@@ -1,0 +1,321 @@
+//! The inference endpoints in-process, on a real tiny model through the real guest runtime and
+//! the built-in chat guest: `/v1/models`, chat completions (plain and SSE), guest upload and
+//! tenant isolation of guests.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use common::Harness;
+use serde_json::{Value, json};
+
+const MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/models/tiny-llama-mixed.gguf"
+);
+
+/// A harness with the tiny model loaded as `tiny` and one tenant; returns (harness, key).
+async fn with_model() -> (Harness, String) {
+    let h = Harness::with(|c| c.threads = 1);
+    realm_http::load_model(&h.state, "tiny", std::path::Path::new(MODEL))
+        .await
+        .expect("load tiny model");
+    let (_, key) = h.tenant("acme", None).await;
+    (h, key)
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut b = json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_listed() {
+    let (h, key) = with_model().await;
+    let r = h.call("GET", "/v1/models", Some(&key), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{v}");
+    assert_eq!(data[0]["id"], "tiny");
+    assert_eq!(data[0]["object"], "model");
+    let r = h.call("GET", "/v1/models/tiny", Some(&key), None).await;
+    assert_eq!(r.json()["id"], "tiny");
+    let e = h
+        .call("GET", "/v1/models/nope", Some(&key), None)
+        .await
+        .error(404);
+    assert_eq!(e["code"], "model_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completion_is_openai_shaped() {
+    let (h, key) = with_model().await;
+    let r = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({}))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl"), "{v}");
+    assert_eq!(v["model"], "tiny");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 1);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[0]["message"]["role"], "assistant");
+    assert!(choices[0]["message"]["content"].is_string());
+    // A random tiny model does not stop by itself within 4 tokens (temperature 0: the same
+    // tokens every run).
+    assert_eq!(choices[0]["finish_reason"], "length", "{v}");
+    let u = &v["usage"];
+    assert_eq!(u["completion_tokens"], 4, "{v}");
+    let pt = u["prompt_tokens"].as_u64().unwrap();
+    assert!(pt > 0, "{v}");
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), pt + 4);
+
+    // Greedy decoding is deterministic across requests.
+    let again = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({}))),
+        )
+        .await
+        .json();
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        choices[0]["message"]["content"]
+    );
+
+    // The tenant's usage counts both requests.
+    let usage = h.call("GET", "/v1/usage", Some(&key), None).await.json();
+    assert_eq!(usage["usage"]["requests"], 2, "{usage}");
+    assert_eq!(usage["usage"]["tokens_out"], 8, "{usage}");
+
+    // Validation happens before any guest runs.
+    let e = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"model": "nope"}))),
+        )
+        .await
+        .error(404);
+    assert_eq!(e["param"], "model");
+    let e = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"messages": []}))),
+        )
+        .await
+        .error(400);
+    assert_eq!(e["param"], "messages");
+}
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim_start().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completion_streams_sse() {
+    let (h, key) = with_model().await;
+    let r = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(
+                json!({"stream": true, "stream_options": {"include_usage": true}}),
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = sse_data(&r.text());
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("{err}: {e}")))
+        .collect();
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk", "{c}");
+        assert_eq!(c["model"], "tiny");
+        assert_eq!(c["id"], chunks[0]["id"]);
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // The text is the concatenation of the content deltas; one chunk ends the choice.
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, [&json!("length")], "{chunks:?}");
+    // The last chunk carries usage and no choices; the others carry `usage: null`.
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], 4, "{last}");
+    assert!(last["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    for c in &chunks[..chunks.len() - 1] {
+        assert!(c["usage"].is_null(), "{c}");
+    }
+
+    // Streaming and not streaming produce the same greedy text.
+    let plain = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({}))),
+        )
+        .await
+        .json();
+    assert_eq!(plain["choices"][0]["message"]["content"], text.as_str());
+
+    // Without include_usage no chunk has a usage field.
+    let r = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"stream": true}))),
+        )
+        .await;
+    let events = sse_data(&r.text());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert!(c.get("usage").is_none(), "{c}");
+    }
+}
+
+async fn upload(h: &Harness, key: &str, name: &str, bytes: Vec<u8>) -> common::Reply {
+    h.send(
+        Request::post(format!("/v1/guests?name={name}"))
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/wasm")
+            .body(Body::from(bytes))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_upload_validates_and_isolates_tenants() {
+    let h = Harness::new();
+    let (_, alice) = h.tenant("alice", None).await;
+    let (_, bob) = h.tenant("bob", None).await;
+
+    // Garbage bytes are refused with a message that says what is wrong.
+    let e = upload(&h, &alice, "junk", b"definitely not wasm".to_vec())
+        .await
+        .error(400);
+    assert_eq!(e["code"], "not_a_component", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("WebAssembly magic number"),
+        "{e}"
+    );
+    // A core module (not a component) is told to build for wasm32-wasip2.
+    let e = upload(&h, &alice, "core", b"\0asm\x01\0\0\0".to_vec())
+        .await
+        .error(400);
+    assert!(e["message"].as_str().unwrap().contains("wasm32-wasip2"), "{e}");
+    // A component importing something the sandbox does not grant.
+    let e = upload(
+        &h,
+        &alice,
+        "bad",
+        realm_runtime::builtin::BAD_IMPORT_WASM.to_vec(),
+    )
+    .await
+    .error(422);
+    assert_eq!(e["code"], "forbidden_import", "{e}");
+
+    // A real component is accepted.
+    let r = upload(
+        &h,
+        &alice,
+        "mine",
+        realm_runtime::builtin::TESTBED_WASM.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["name"], "mine");
+    assert_eq!(
+        h.call("GET", "/v1/guests/mine", Some(&alice), None)
+            .await
+            .status,
+        200
+    );
+
+    // Bob cannot see, invoke or delete Alice's guest: the same 404 as a missing one.
+    h.call("GET", "/v1/guests/mine", Some(&bob), None)
+        .await
+        .error(404);
+    h.call(
+        "POST",
+        "/v1/guests/mine/invoke",
+        Some(&bob),
+        Some(json!({})),
+    )
+    .await
+    .error(404);
+    h.call("DELETE", "/v1/guests/mine", Some(&bob), None)
+        .await
+        .error(404);
+    let list = h.call("GET", "/v1/guests", Some(&bob), None).await.json();
+    assert!(
+        !list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["name"] == "mine"),
+        "{list}"
+    );
+    // Alice still has it.
+    assert_eq!(
+        h.call("GET", "/v1/guests/mine", Some(&alice), None)
+            .await
+            .status,
+        200
+    );
+}
