@@ -246,6 +246,7 @@ pub async fn tenant_usage(
 #[serde(deny_unknown_fields)]
 pub struct LoadModel {
     /// A GGUF file; relative paths are resolved against the configured `models_dir`.
+    #[schema(value_type = String)]
     pub path: std::path::PathBuf,
     /// Name to serve it under (default: the file stem).
     pub name: Option<String>,
