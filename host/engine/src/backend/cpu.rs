@@ -151,10 +151,8 @@ impl CpuBackend {
         }
         tasks.into_par_iter().for_each(|(job, r0, ys)| {
             let (k, rb, wd) = (job.w.row_len(), job.w.row_bytes(), job.w.data());
-            for (i, out) in ys.iter_mut().enumerate() {
-                let r = r0 + i;
-                *out = (job.kern.vec_dot)(k, &wd[r * rb..(r + 1) * rb], &job.xq);
-            }
+            let rows = &wd[r0 * rb..(r0 + ys.len()) * rb];
+            (job.kern.gemv)(k, rows, rb, &job.xq, ys);
         });
     }
 

@@ -15,8 +15,9 @@
 use std::arch::x86_64::*;
 
 use crate::quant::avx2;
+use crate::quant::avx2::gemv_prefetch_loop;
 use crate::quant::scalar::{check_vec_dot, gemm_loop};
-use crate::quant::{GemmFn, GgmlType, VecDotFn};
+use crate::quant::{GemmFn, GemvFn, GgmlType, VecDotFn};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -60,6 +61,23 @@ pub(super) fn gemm_fn(ty: GgmlType) -> Option<GemmFn> {
         _ => return None,
     })
 }
+
+/// A prefetching loop over the AVX-512 vec_dot of `ty`, for the formats that have one.
+pub(super) fn gemv_fn(ty: GgmlType) -> Option<GemvFn> {
+    vec_dot_fn(ty)?;
+    Some(match ty {
+        GgmlType::F16 => gemv_f16,
+        GgmlType::Q5_0 => gemv_q5_0,
+        GgmlType::Q6K => gemv_q6k,
+        GgmlType::Q8K => gemv_q8k,
+        _ => return None,
+    })
+}
+
+gemv_prefetch_loop!(gemv_f16, dot_f16);
+gemv_prefetch_loop!(gemv_q5_0, dot_q5_0);
+gemv_prefetch_loop!(gemv_q6k, dot_q6k);
+gemv_prefetch_loop!(gemv_q8k, dot_q8k);
 
 gemm_loop!(gemm_f16, dot_f16, GgmlType::F16);
 gemm_loop!(gemm_q5_0, dot_q5_0, GgmlType::Q5_0);

@@ -30,7 +30,11 @@
 //! caps that level for benchmarking and debugging.
 //!
 //! A matrix-vector product converts the activation row once with `quantize_act` into
-//! `act_type` (= [`GgmlType::vec_dot_type`]) and then calls `vec_dot` once per weight row.
+//! `act_type` (= [`GgmlType::vec_dot_type`]) and then runs `gemv` over the weight rows: by
+//! definition `vec_dot` once per row, bit for bit. At the SIMD levels it also prefetches the rows
+//! a few KiB ahead (decode streams every weight from memory once per token, and the hardware
+//! prefetchers alone leave a single core well short of the memory bandwidth), and for Q8_0 it
+//! runs four rows at once so that each activation block is loaded once for all four.
 //!
 //! # Matrix-matrix products
 //! A batch of activation rows (prefill) goes through `gemm` instead: it computes a whole tile of
@@ -362,6 +366,10 @@ pub fn detected_isa() -> Isa {
 /// `n` elements; `w` = one weight row of the kernel's weight type; `act` = activations already in
 /// its `act_type`. Both slices may be longer than the row; they are checked to be long enough.
 pub type VecDotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
+/// `out[r] = vec_dot(k, &w[r * w_stride..], act)` for every `r < out.len()`, bit-identical to
+/// the same level's `vec_dot` (same integer sums, same f32 accumulation order per row). `w_stride`
+/// is in bytes; panics unless every row fits in `w` and `act` holds a whole activation row.
+pub type GemvFn = fn(k: usize, w: &[u8], w_stride: usize, act: &[u8], out: &mut [f32]);
 /// f32 activations → `act_type` bytes (`dst` exactly `act_type.row_bytes(src.len())` long).
 pub type QuantizeActFn = fn(src: &[f32], dst: &mut [u8]);
 /// Tiled matrix product of `rows` weight rows with `cols` activation rows:
@@ -387,6 +395,8 @@ pub struct Kernels {
     pub weight_type: GgmlType,
     pub act_type: GgmlType,
     pub vec_dot: VecDotFn,
+    /// Many weight rows against one activation row (decode); see [`GemvFn`].
+    pub gemv: GemvFn,
     pub quantize_act: QuantizeActFn,
     /// Weight rows × activation rows at once (prefill); see [`GemmFn`].
     pub gemm: GemmFn,
@@ -425,6 +435,7 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Option<Kernels> {
         weight_type: ty,
         act_type,
         vec_dot: scalar::vec_dot_fn(ty),
+        gemv: scalar::gemv_fn(ty),
         quantize_act: scalar::quantize_act_fn(act_type),
         gemm: scalar::gemm_fn(ty),
     };
@@ -433,6 +444,9 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Option<Kernels> {
         if isa >= Isa::Avx2 {
             if let Some(f) = avx2::vec_dot_fn(ty) {
                 k.vec_dot = f;
+            }
+            if let Some(f) = avx2::gemv_fn(ty) {
+                k.gemv = f;
             }
             if let Some(f) = avx2::quantize_act_fn(act_type) {
                 k.quantize_act = f;
@@ -445,6 +459,7 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Option<Kernels> {
             && let Some(f) = avx512::vec_dot_fn(ty)
         {
             k.vec_dot = f;
+            k.gemv = avx512::gemv_fn(ty).expect("every AVX-512 vec_dot has a gemv");
             // Formats with a tiled AVX2 gemm keep it (it is 3-7x a loop over the AVX2 vec_dot,
             // more than the AVX-512 vec_dots gain; not measured on AVX-512 hardware); the
             // others loop over the AVX-512 vec_dot.

@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use crate::quant::{GemmFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
+use crate::quant::{GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
 
 /// ggml's `GROUP_MAX_EPS`: below this a group is treated as all zero.
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -1237,6 +1237,83 @@ gemm_loop!(gemm_q4k, dot_q4k, GgmlType::Q4K);
 gemm_loop!(gemm_q5k, dot_q5k, GgmlType::Q5K);
 gemm_loop!(gemm_q6k, dot_q6k, GgmlType::Q6K);
 gemm_loop!(gemm_q8k, dot_q8k, GgmlType::Q8K);
+
+/// Checks a gemv call (see [`GemvFn`](crate::quant::GemvFn)) of `rows` rows and returns the
+/// number of blocks per row.
+pub(crate) fn check_gemv(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    w_stride: usize,
+    act: &[u8],
+    rows: usize,
+) -> usize {
+    let bs = ty.block_size();
+    assert!(
+        k.is_multiple_of(bs),
+        "{ty}: k = {k} is not a multiple of {bs}"
+    );
+    let nb = k / bs;
+    let wrb = nb * ty.type_size();
+    let arb = nb * ty.vec_dot_type().type_size();
+    debug_assert!(rows <= 1 || w_stride >= wrb, "{ty}: weight rows overlap");
+    assert!(
+        span(rows, w_stride, wrb).is_some_and(|n| n <= w.len()) && act.len() >= arb,
+        "{ty}: gemv of {rows} rows × k = {k} (stride {w_stride}) got {} weight / {} activation \
+         bytes",
+        w.len(),
+        act.len()
+    );
+    nb
+}
+
+/// Defines `$name`, a [`GemvFn`](crate::quant::GemvFn) calling the vec_dot `$dot` once per row.
+macro_rules! gemv_loop {
+    ($name:ident, $dot:expr) => {
+        fn $name(k: usize, w: &[u8], w_stride: usize, act: &[u8], out: &mut [f32]) {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = $dot(k, &w[r * w_stride..], act);
+            }
+        }
+    };
+}
+
+gemv_loop!(gemv_f32, dot_f32);
+gemv_loop!(gemv_f16, dot_f16);
+gemv_loop!(gemv_bf16, dot_bf16);
+gemv_loop!(gemv_q4_0, dot_q4_0);
+gemv_loop!(gemv_q4_1, dot_q4_1);
+gemv_loop!(gemv_q5_0, dot_q5_0);
+gemv_loop!(gemv_q5_1, dot_q5_1);
+gemv_loop!(gemv_q8_0, dot_q8_0);
+gemv_loop!(gemv_q8_1, dot_q8_1);
+gemv_loop!(gemv_q2k, dot_q2k);
+gemv_loop!(gemv_q3k, dot_q3k);
+gemv_loop!(gemv_q4k, dot_q4k);
+gemv_loop!(gemv_q5k, dot_q5k);
+gemv_loop!(gemv_q6k, dot_q6k);
+gemv_loop!(gemv_q8k, dot_q8k);
+
+/// The scalar gemv of `ty`: a loop over its scalar vec_dot.
+pub(crate) fn gemv_fn(ty: GgmlType) -> GemvFn {
+    match ty {
+        GgmlType::F32 => gemv_f32,
+        GgmlType::F16 => gemv_f16,
+        GgmlType::BF16 => gemv_bf16,
+        GgmlType::Q4_0 => gemv_q4_0,
+        GgmlType::Q4_1 => gemv_q4_1,
+        GgmlType::Q5_0 => gemv_q5_0,
+        GgmlType::Q5_1 => gemv_q5_1,
+        GgmlType::Q8_0 => gemv_q8_0,
+        GgmlType::Q8_1 => gemv_q8_1,
+        GgmlType::Q2K => gemv_q2k,
+        GgmlType::Q3K => gemv_q3k,
+        GgmlType::Q4K => gemv_q4k,
+        GgmlType::Q5K => gemv_q5k,
+        GgmlType::Q6K => gemv_q6k,
+        GgmlType::Q8K => gemv_q8k,
+    }
+}
 
 /// The scalar gemm of `ty`: a loop over its scalar vec_dot.
 pub(crate) fn gemm_fn(ty: GgmlType) -> GemmFn {

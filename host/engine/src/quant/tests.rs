@@ -906,3 +906,78 @@ fn tiled_gemm_where_expected() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// gemv against vec_dot
+// ---------------------------------------------------------------------------------------------
+
+/// Every ISA's gemv against the same ISA's vec_dot of every row: bit-identical (decode through
+/// gemv must give exactly the logits a per-row loop gives), and nothing written past the end.
+fn check_gemv(ty: GgmlType, seed: u64, nb: usize, rows: usize) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let case = GemmCase::new(ty, nb, rows, 1, &mut rng);
+    for isa in available_isas() {
+        let k = kernels_for(ty, isa).unwrap();
+        let mut out = vec![f32::NAN; rows + 1];
+        (k.gemv)(
+            case.k,
+            &case.w[case.w_off..],
+            case.w_stride,
+            case.a_row(0),
+            &mut out[..rows],
+        );
+        for (r, got) in out[..rows].iter().enumerate() {
+            let want = (k.vec_dot)(case.k, case.w_row(r), case.a_row(0));
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{ty} {isa:?} gemv of {rows} rows, nb {nb}, row {r}: {got} vs vec_dot {want}"
+            );
+        }
+        assert!(out[rows].is_nan(), "{ty} {isa:?}: gemv wrote past its rows");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    // Rows around the Q8_0 kernel's 4-row step; blocks around its 8-block scale groups.
+    #[test]
+    fn gemv_matches_vec_dot_bit_for_bit(seed: u64, nb in 1usize..26, rows in 0usize..11) {
+        for ty in GgmlType::ALL {
+            let nb = if ty.block_size() == 1 { nb * 8 } else { nb };
+            check_gemv(ty, seed, nb, rows);
+        }
+    }
+}
+
+#[test]
+fn gemv_of_a_long_matrix_matches_vec_dot() {
+    // Longer than the prefetch distance, so the prefetcher's end-of-slice clamp is exercised.
+    for ty in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K] {
+        let nb = if ty.block_size() == QK { 20 } else { 3 };
+        check_gemv(ty, 31, nb, 203);
+    }
+}
+
+#[test]
+fn gemv_rejects_short_slices() {
+    for ty in [GgmlType::Q8_0, GgmlType::Q5_0] {
+        let mut rng = SmallRng::seed_from_u64(10);
+        let case = GemmCase::new(ty, 3, 9, 1, &mut rng);
+        for isa in available_isas() {
+            let k = kernels_for(ty, isa).unwrap();
+            let w = &case.w[case.w_off..];
+            let a = case.a_row(0);
+            let short_w = &w[..8 * case.w_stride + ty.row_bytes(case.k).unwrap() - 1];
+            let short_a = &a[..a.len() - 1];
+            for (wi, ai) in [(short_w, a), (w, short_a)] {
+                let r = std::panic::catch_unwind(|| {
+                    let mut out = vec![0f32; 9];
+                    (k.gemv)(case.k, wi, case.w_stride, ai, &mut out);
+                });
+                assert!(r.is_err(), "{ty} {isa:?}: short slice accepted");
+            }
+        }
+    }
+}
