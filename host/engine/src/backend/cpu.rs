@@ -1,11 +1,13 @@
 //! The CPU backend: weights stay in the GGUF mapping, activations are f32, matrix products go
 //! through the quantized dot-product kernels of [`crate::quant`] with activations quantized on the
-//! fly (as llama.cpp does), and work is spread over a private rayon pool.
+//! fly (as llama.cpp does), and work is spread over a private rayon pool, except for the many
+//! short regions of a single-token step, which go to a [`SpinPool`] of the same size.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::backend::spin::SpinPool;
 use crate::gguf::TensorView;
 use crate::kv::{KvPool, SeqCache};
 use crate::quant::{self, GgmlType};
@@ -15,9 +17,16 @@ use crate::quant::{self, GgmlType};
 const TOKEN_BLOCK: usize = 64;
 /// Weight rows per kernel call in a matrix-matrix product.
 const ROW_BLOCK: usize = 256;
+/// How long the spin pool's workers keep polling after a region: longer than the gaps between
+/// a decode step's regions (norms, rope, short attention), short enough that an idle engine
+/// stops burning its cores at once.
+const SPIN: std::time::Duration = std::time::Duration::from_millis(1);
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    /// Regions of single-token steps; their caller (running inside `pool`) takes part, so at
+    /// most `threads` threads compute at once.
+    spin: SpinPool,
     threads: usize,
 }
 
@@ -34,7 +43,12 @@ impl CpuBackend {
             .thread_name(|i| format!("realm-cpu-{i}"))
             .build()
             .map_err(std::io::Error::other)?;
-        Ok(CpuBackend { pool, threads })
+        let spin = SpinPool::new(threads, SPIN)?;
+        Ok(CpuBackend {
+            pool,
+            spin,
+            threads,
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -115,8 +129,8 @@ impl CpuBackend {
     }
 
     /// Several products of the same input (Q/K/V, gate/up). A decode step's products are small,
-    /// so they share one parallel region: each region costs a wake-up of the worker threads,
-    /// which is a visible fraction of a 640-wide layer.
+    /// so they share one parallel region of the spin pool: each region costs a hand-off to the
+    /// workers, which is a visible fraction of a 640-wide layer.
     pub fn matmuls(&self, jobs: &mut [(&TensorView, &mut [f32])], x: &[f32], n: usize) {
         if n > 1 {
             for (w, y) in jobs.iter_mut() {
@@ -149,7 +163,7 @@ impl CpuBackend {
                 tasks.push((job, ci * chunk, ys));
             }
         }
-        tasks.into_par_iter().for_each(|(job, r0, ys)| {
+        self.spin.for_each(tasks, |(job, r0, ys)| {
             let (k, rb, wd) = (job.w.row_len(), job.w.row_bytes(), job.w.data());
             let rows = &wd[r0 * rb..(r0 + ys.len()) * rb];
             (job.kern.gemv)(k, rows, rb, &job.xq, ys);
@@ -239,7 +253,14 @@ impl CpuBackend {
         // other workers costs. Spread it only when there is enough (query, key) pairs.
         let pairs = (out.len() / hd) * (end - base);
         if pairs >= 8192 && out.len() / hd >= 2 {
-            out.par_chunks_mut(hd).enumerate().for_each(work);
+            if n == 1 {
+                // A decode step's other regions run on the spin pool, whose workers may still
+                // be spinning: rayon's would compete with them for the cores.
+                self.spin
+                    .for_each(out.chunks_mut(hd).enumerate().collect(), work);
+            } else {
+                out.par_chunks_mut(hd).enumerate().for_each(work);
+            }
         } else {
             out.chunks_mut(hd).enumerate().for_each(work);
         }

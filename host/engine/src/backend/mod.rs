@@ -2,3 +2,4 @@
 //! behind cargo features and implement the same operations over device-resident weights and KV.
 
 pub mod cpu;
+pub mod spin;
