@@ -15,10 +15,11 @@
 //! the caller is still waiting inside [`SpinPool::run`] and the closure it published is alive.
 //! The caller returns only once `pending` (tasks not finished) reaches zero.
 //!
-//! A worker that finds nothing to do spins until the epoch changes or `spin` has passed, then
-//! parks. It announces that in its `sleeping` flag before re-checking the ticket, and the caller
-//! checks the flags after publishing; both sides use `SeqCst`, so either the worker sees the new
-//! epoch or the caller sees the flag and unparks it.
+//! A worker that finds nothing to do spins (yielding now and then, so that other runnable threads
+//! still get the core) until the epoch changes or `spin` has passed, then parks. It announces
+//! that in its `sleeping` flag before re-checking the ticket, and the caller checks the flags
+//! after publishing; both sides use `SeqCst`, so either the worker sees the new epoch or the
+//! caller sees the flag and unparks it.
 //!
 //! A panicking task does not kill its worker: the first panic of a region is kept and re-raised
 //! on the caller's thread once every task has finished.
@@ -99,15 +100,19 @@ impl Shared {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(64) && start.elapsed() >= self.spin {
+            if !spins.is_multiple_of(64) {
+                std::hint::spin_loop();
+            } else if start.elapsed() < self.spin {
+                // Lets other runnable threads (another engine's, say) have this core: returns
+                // at once when there are none.
+                std::thread::yield_now();
+            } else {
                 self.sleeping[me].store(true, SeqCst);
                 if epoch_of(self.ticket.load(SeqCst)) == seen && !self.shutdown.load(SeqCst) {
                     std::thread::park();
                 }
                 self.sleeping[me].store(false, SeqCst);
                 start = Instant::now();
-            } else {
-                std::hint::spin_loop();
             }
         }
     }
