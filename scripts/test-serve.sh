@@ -3,7 +3,10 @@
 # curl (health, admin API, tenant auth, OpenAI-shaped errors, metrics, OpenAPI), stops it with
 # SIGTERM (graceful shutdown must exit 0), restarts it on the same data directory and checks that
 # the tenant and its key survived. With a model (REALM_TEST_MODEL, default: the tiny fixture model;
-# empty = none) it also lists models and runs one chat completion, plain and streamed.
+# empty = none) it also lists models and runs one chat completion, plain and streamed; and with
+# REALM_E2E_PYTHON (a Python that has the `openai` package: scripts/e2e-venv.sh makes one) it runs
+# tests/e2e/openai_client.py (the official client) and tests/e2e/load.py (concurrent streaming
+# clients across tenants, zero errors).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,6 +74,12 @@ assert r["usage"]["completion_tokens"] <= 4 and r["usage"]["prompt_tokens"] > 0,
     sse=$(curl -fsSN -X POST "$base/v1/chat/completions" "${tenant[@]}" -d "$sreq") || fail "streamed chat completion"
     [ "$(grep '^data:' <<<"$sse" | tail -n1)" = "data: [DONE]" ] || fail "stream did not end with [DONE]: $sse"
     grep '^data: {' <<<"$sse" | tail -n1 | grep -q '"completion_tokens"' || fail "stream without usage: $sse"
+    if [ -n "${REALM_E2E_PYTHON:-}" ]; then
+        "$REALM_E2E_PYTHON" tests/e2e/openai_client.py "$base" "$REALM_ADMIN_TOKEN" "$name" \
+            || fail "openai client checks"
+        "$REALM_E2E_PYTHON" tests/e2e/load.py "$base" "$REALM_ADMIN_TOKEN" "$name" \
+            ${REALM_LOAD_ARGS:-} || fail "load test"
+    fi
 fi
 stop
 

@@ -28,9 +28,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace -- --test-threads 2
 
-step "realm serve end to end (real binary on a loopback port, curl)"
+step "realm serve end to end (real binary on a loopback port: curl, the openai client, load)"
 cargo build -p realm
-REALM_BIN=target/debug/realm scripts/test-serve.sh
+REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=target/debug/realm scripts/test-serve.sh
 
 step "guest SDK unit tests (host target)"
 cargo test --manifest-path guest-sdk/Cargo.toml
