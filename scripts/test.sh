@@ -24,6 +24,13 @@ cargo fmt --manifest-path guests/Cargo.toml --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The guests and the SDK (own workspaces; target dir shared with host/runtime/build.rs's guest
+# build so their dependencies compile once).
+export GUEST_TARGET_DIR=target/realm-guests
+CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guests/Cargo.toml --workspace \
+    --target wasm32-wasip2 --all-targets -- -D warnings
+CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guest-sdk/Cargo.toml \
+    --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace -- --test-threads 2
@@ -33,7 +40,7 @@ cargo build -p realm
 REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=target/debug/realm scripts/test-serve.sh
 
 step "guest SDK unit tests (host target)"
-cargo test --manifest-path guest-sdk/Cargo.toml
+CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo test --manifest-path guest-sdk/Cargo.toml
 
 step "fetch-model script against a local package index"
 scripts/test-fetch-model.sh
