@@ -6,7 +6,8 @@
 # empty = none) it also lists models and runs one chat completion, plain and streamed; and with
 # REALM_E2E_PYTHON (a Python that has the `openai` package: scripts/e2e-venv.sh makes one) it runs
 # tests/e2e/openai_client.py (the official client) and tests/e2e/load.py (concurrent streaming
-# clients across tenants, zero errors).
+# clients across tenants, zero errors). A guest is uploaded and invoked with curl, and SIGTERM
+# with a stream in flight must let that stream finish.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,8 +81,29 @@ assert r["usage"]["completion_tokens"] <= 4 and r["usage"]["prompt_tokens"] > 0,
         "$REALM_E2E_PYTHON" tests/e2e/load.py "$base" "$REALM_ADMIN_TOKEN" "$name" \
             ${REALM_LOAD_ARGS:-} || fail "load test"
     fi
+    # A guest component uploaded with curl, then invoked (JSON in, JSON out).
+    tb=target/realm-guests/wasm32-wasip2/release/testbed.wasm
+    if [ -f "$tb" ]; then
+        curl -fsS -X POST "$base/v1/guests?name=tb" -H "Authorization: Bearer $key" \
+            -H 'Content-Type: application/wasm' --data-binary @"$tb" >/dev/null || fail "guest upload"
+        out=$(curl -fsS -X POST "$base/v1/guests/tb/invoke" "${tenant[@]}" -d '{"op":"echo","text":"hi"}')
+        [ "$out" = '{"text":"hi"}' ] || fail "guest invoke: $out"
+    fi
+    # SIGTERM with a stream in flight: the stream still finishes (EOS banned so that it runs
+    # long enough to be cut short if shutdown did not wait for it).
+    inflight=$(mktemp)
+    lreq='{"messages":[{"role":"user","content":"Hello"}],"max_tokens":300,"temperature":0,"stream":true,"logit_bias":{"2":-100}}'
+    curl -sN -X POST "$base/v1/chat/completions" "${tenant[@]}" -d "$lreq" >"$inflight" &
+    cpid=$!
+    for _ in $(seq 200); do grep -q '^data: {' "$inflight" && break; sleep 0.05; done
+    stop
+    wait "$cpid" || fail "in-flight stream failed during shutdown"
+    [ "$(grep '^data:' "$inflight" | tail -n1)" = "data: [DONE]" ] \
+        || fail "in-flight stream cut at shutdown: $(tail -c 300 "$inflight")"
+    grep -q '"finish_reason":"length"' "$inflight" || fail "in-flight stream did not run to max_tokens"
+    rm -f "$inflight"
 fi
-stop
+[ -n "$pid" ] && stop
 
 start
 [ "$(code -H "Authorization: Bearer $key" "$base/v1/usage")" = 200 ] || fail "key lost across restart"
