@@ -107,6 +107,19 @@ async fn chat_completion_is_openai_shaped() {
     assert_eq!(usage["requests"], 2, "{usage}");
     assert_eq!(usage["tokens_out"], 8, "{usage}");
 
+    // The scrape shows this tenant's tokens and latencies, and the model's engine gauges.
+    let m = h.call("GET", "/metrics", None, None).await.text();
+    let t = usage["tenant"].as_str().unwrap();
+    for series in [
+        format!("realm_tokens_total{{tenant=\"{t}\",model=\"tiny\",direction=\"out\"}} 8"),
+        format!("realm_time_to_first_token_seconds_count{{tenant=\"{t}\",model=\"tiny\"}} 2"),
+        format!("realm_time_per_output_token_seconds_count{{tenant=\"{t}\",model=\"tiny\"}} 2"),
+        "realm_engine_queue_depth{model=\"tiny\"}".to_string(),
+        "realm_kv_pages_total{model=\"tiny\"}".to_string(),
+    ] {
+        assert!(m.contains(&series), "{series} missing from:\n{m}");
+    }
+
     // Validation happens before any guest runs.
     let e = h
         .call(
