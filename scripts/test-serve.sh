@@ -82,13 +82,12 @@ assert r["usage"]["completion_tokens"] <= 4 and r["usage"]["prompt_tokens"] > 0,
             ${REALM_LOAD_ARGS:-} || fail "load test"
     fi
     # A guest component uploaded with curl, then invoked (JSON in, JSON out).
-    tb=target/realm-guests/wasm32-wasip2/release/testbed.wasm
-    if [ -f "$tb" ]; then
-        curl -fsS -X POST "$base/v1/guests?name=tb" -H "Authorization: Bearer $key" \
-            -H 'Content-Type: application/wasm' --data-binary @"$tb" >/dev/null || fail "guest upload"
-        out=$(curl -fsS -X POST "$base/v1/guests/tb/invoke" "${tenant[@]}" -d '{"op":"echo","text":"hi"}')
-        [ "$out" = '{"text":"hi"}' ] || fail "guest invoke: $out"
-    fi
+    tb=${CARGO_TARGET_DIR:-target}/realm-guests/wasm32-wasip2/release/testbed.wasm
+    [ -f "$tb" ] || fail "missing $tb (cargo build -p realm builds the guests)"
+    curl -fsS -X POST "$base/v1/guests?name=tb" -H "Authorization: Bearer $key" \
+        -H 'Content-Type: application/wasm' --data-binary @"$tb" >/dev/null || fail "guest upload"
+    out=$(curl -fsS -X POST "$base/v1/guests/tb/invoke" "${tenant[@]}" -d '{"op":"echo","text":"hi"}')
+    [ "$out" = '{"text":"hi"}' ] || fail "guest invoke: $out"
     # SIGTERM with a stream in flight: the stream still finishes (EOS banned so that it runs
     # long enough to be cut short if shutdown did not wait for it).
     inflight=$(mktemp)

@@ -26,7 +26,7 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # The guests and the SDK (own workspaces; target dir shared with host/runtime/build.rs's guest
 # build so their dependencies compile once).
-export GUEST_TARGET_DIR=target/realm-guests
+export GUEST_TARGET_DIR=${CARGO_TARGET_DIR:-target}/realm-guests
 CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guests/Cargo.toml --workspace \
     --target wasm32-wasip2 --all-targets -- -D warnings
 CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guest-sdk/Cargo.toml \
