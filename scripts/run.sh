@@ -66,14 +66,12 @@ cat >&2 <<EOF
 Realm is serving $(basename "$model") on $base (tenant "demo", key in $keyfile).
 Try:
 
+  curl -s $base/v1/chat/completions -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+    -d '{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":32}'
+  curl -sN $base/v1/completions -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+    -d '{"prompt":"The capital of France is","max_tokens":16,"temperature":0,"stream":true}'
   curl -s $base/v1/usage -H "Authorization: Bearer $key"
   curl -s $base/metrics | grep realm_
-
-The OpenAI endpoints (/v1/chat/completions, /v1/completions, /v1/models) are not wired to the
-guest runtime yet (issue 6, branch http-runtime). Meanwhile, generation through the chat guest:
-
-  ./target/release/realm guest run chat --model $model \\
-    --input '{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0}'
 
 Ctrl-C stops the server.
 EOF

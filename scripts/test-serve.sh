@@ -3,7 +3,11 @@
 # curl (health, admin API, tenant auth, OpenAI-shaped errors, metrics, OpenAPI), stops it with
 # SIGTERM (graceful shutdown must exit 0), restarts it on the same data directory and checks that
 # the tenant and its key survived. With a model (REALM_TEST_MODEL, default: the tiny fixture model;
-# empty = none) it also lists models and runs one chat completion, plain and streamed.
+# empty = none) it also lists models and runs one chat completion, plain and streamed; and with
+# REALM_E2E_PYTHON (a Python that has the `openai` package: scripts/e2e-venv.sh makes one) it runs
+# tests/e2e/openai_client.py (the official client) and tests/e2e/load.py (concurrent streaming
+# clients across tenants, zero errors). A guest is uploaded and invoked with curl, and SIGTERM
+# with a stream in flight must let that stream finish.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,8 +75,34 @@ assert r["usage"]["completion_tokens"] <= 4 and r["usage"]["prompt_tokens"] > 0,
     sse=$(curl -fsSN -X POST "$base/v1/chat/completions" "${tenant[@]}" -d "$sreq") || fail "streamed chat completion"
     [ "$(grep '^data:' <<<"$sse" | tail -n1)" = "data: [DONE]" ] || fail "stream did not end with [DONE]: $sse"
     grep '^data: {' <<<"$sse" | tail -n1 | grep -q '"completion_tokens"' || fail "stream without usage: $sse"
+    if [ -n "${REALM_E2E_PYTHON:-}" ]; then
+        "$REALM_E2E_PYTHON" tests/e2e/openai_client.py "$base" "$REALM_ADMIN_TOKEN" "$name" \
+            || fail "openai client checks"
+        "$REALM_E2E_PYTHON" tests/e2e/load.py "$base" "$REALM_ADMIN_TOKEN" "$name" \
+            ${REALM_LOAD_ARGS:-} || fail "load test"
+    fi
+    # A guest component uploaded with curl, then invoked (JSON in, JSON out).
+    tb=${CARGO_TARGET_DIR:-target}/realm-guests/wasm32-wasip2/release/testbed.wasm
+    [ -f "$tb" ] || fail "missing $tb (cargo build -p realm builds the guests)"
+    curl -fsS -X POST "$base/v1/guests?name=tb" -H "Authorization: Bearer $key" \
+        -H 'Content-Type: application/wasm' --data-binary @"$tb" >/dev/null || fail "guest upload"
+    out=$(curl -fsS -X POST "$base/v1/guests/tb/invoke" "${tenant[@]}" -d '{"op":"echo","text":"hi"}')
+    [ "$out" = '{"text":"hi"}' ] || fail "guest invoke: $out"
+    # SIGTERM with a stream in flight: the stream still finishes (EOS banned so that it runs
+    # long enough to be cut short if shutdown did not wait for it).
+    inflight=$(mktemp)
+    lreq='{"messages":[{"role":"user","content":"Hello"}],"max_tokens":300,"temperature":0,"stream":true,"logit_bias":{"2":-100}}'
+    curl -sN -X POST "$base/v1/chat/completions" "${tenant[@]}" -d "$lreq" >"$inflight" &
+    cpid=$!
+    for _ in $(seq 200); do grep -q '^data: {' "$inflight" && break; sleep 0.05; done
+    stop
+    wait "$cpid" || fail "in-flight stream failed during shutdown"
+    [ "$(grep '^data:' "$inflight" | tail -n1)" = "data: [DONE]" ] \
+        || fail "in-flight stream cut at shutdown: $(tail -c 300 "$inflight")"
+    grep -q '"finish_reason":"length"' "$inflight" || fail "in-flight stream did not run to max_tokens"
+    rm -f "$inflight"
 fi
-stop
+[ -n "$pid" ] && stop
 
 start
 [ "$(code -H "Authorization: Bearer $key" "$base/v1/usage")" = 200 ] || fail "key lost across restart"

@@ -24,16 +24,23 @@ cargo fmt --manifest-path guests/Cargo.toml --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The guests and the SDK (own workspaces; target dir shared with host/runtime/build.rs's guest
+# build so their dependencies compile once).
+export GUEST_TARGET_DIR=${CARGO_TARGET_DIR:-target}/realm-guests
+CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guests/Cargo.toml --workspace \
+    --target wasm32-wasip2 --all-targets -- -D warnings
+CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guest-sdk/Cargo.toml \
+    --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace -- --test-threads 2
 
-step "realm serve end to end (real binary on a loopback port, curl)"
+step "realm serve end to end (real binary on a loopback port: curl, the openai client, load)"
 cargo build -p realm
-REALM_BIN=target/debug/realm scripts/test-serve.sh
+REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=target/debug/realm scripts/test-serve.sh
 
 step "guest SDK unit tests (host target)"
-cargo test --manifest-path guest-sdk/Cargo.toml
+CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo test --manifest-path guest-sdk/Cargo.toml
 
 step "fetch-model script against a local package index"
 scripts/test-fetch-model.sh

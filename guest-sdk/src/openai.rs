@@ -11,7 +11,12 @@ use crate::{LogitBias, SamplingParams};
 pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
+    /// The conversation (chat.completions). Ignored when `prompt` is given.
+    #[serde(default)]
     pub messages: Vec<Value>,
+    /// Raw text to continue without a chat template (completions; the host sets it).
+    #[serde(default)]
+    pub prompt: Option<String>,
     #[serde(default)]
     pub tools: Option<Value>,
     #[serde(default)]
@@ -187,7 +192,12 @@ impl ChatCompletion {
 
 /// Render the messages with the model's chat template and tokenize the prompt the way
 /// llama.cpp does (special tokens parsed; a BOS the template already wrote is not doubled).
+/// A request with a raw `prompt` (the completions endpoint) is tokenized as is, with BOS.
 pub fn chat_prompt(model: &crate::Model, req: &ChatRequest) -> Result<Vec<u32>, crate::Error> {
+    if let Some(prompt) = &req.prompt {
+        // A completion: the text as given, with the model's BOS (as llama.cpp's server does).
+        return model.tokenize(prompt, true, true);
+    }
     let messages = Value::Array(req.messages.clone()).to_string();
     let tools = req.tools.as_ref().map(|t| t.to_string());
     let text = model.apply_chat_template(&messages, tools.as_deref(), true)?;

@@ -199,7 +199,28 @@ pub async fn invoke(
         default_model: model,
         allowed_models: None,
     };
-    s.models.runtime.invoke(guest, ctx, input, output).await
+    let (result, cpu) = s
+        .models
+        .runtime
+        .invoke_metered(guest, ctx, input, output)
+        .await;
+    // Recorded per call (not per request) so that `n` calls and failed calls are charged too.
+    // A call aborted because its client went away is not charged (its task never gets here).
+    let cpu_us = cpu.as_micros() as u64;
+    s.metrics
+        .guest_cpu
+        .get_or_create(&crate::metrics::TenantLabel {
+            tenant: tenant.id.clone(),
+        })
+        .inc_by(cpu.as_secs_f64());
+    let delta = UsageDelta {
+        guest_cpu_us: cpu_us,
+        ..UsageDelta::default()
+    };
+    if let Err(e) = s.store.add_usage(&tenant.id, delta) {
+        tracing::warn!(tenant = %tenant.id, error = %e, "could not record guest CPU time");
+    }
+    result
 }
 
 /// What one of `n` concurrent guest calls produced.

@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -30,6 +31,11 @@ pub struct TokenLabels {
     pub tenant: String,
     pub model: String,
     pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +70,7 @@ pub struct Metrics {
     pub kv_pages_in_use: Family<TenantModel, Gauge>,
     pub kv_pages_total: Family<ModelLabel, Gauge>,
     pub guest_errors: Family<GuestLabels, Counter>,
+    pub guest_cpu: Family<TenantLabel, Counter<f64, AtomicU64>>,
     pub in_flight: Gauge,
 }
 
@@ -88,6 +95,7 @@ impl Metrics {
         let kv_pages_in_use = Family::<TenantModel, Gauge>::default();
         let kv_pages_total = Family::<ModelLabel, Gauge>::default();
         let guest_errors = Family::<GuestLabels, Counter>::default();
+        let guest_cpu = Family::<TenantLabel, Counter<f64, AtomicU64>>::default();
         let in_flight = Gauge::default();
         registry.register(
             "http_requests",
@@ -130,6 +138,11 @@ impl Metrics {
             guest_errors.clone(),
         );
         registry.register(
+            "guest_cpu_seconds",
+            "CPU time spent running tenants' guest code (not the engine's work for them)",
+            guest_cpu.clone(),
+        );
+        registry.register(
             "http_in_flight_requests",
             "Requests being served",
             in_flight.clone(),
@@ -144,6 +157,7 @@ impl Metrics {
             kv_pages_in_use,
             kv_pages_total,
             guest_errors,
+            guest_cpu,
             in_flight,
         }
     }

@@ -107,6 +107,19 @@ async fn chat_completion_is_openai_shaped() {
     assert_eq!(usage["requests"], 2, "{usage}");
     assert_eq!(usage["tokens_out"], 8, "{usage}");
 
+    // The scrape shows this tenant's tokens and latencies, and the model's engine gauges.
+    let m = h.call("GET", "/metrics", None, None).await.text();
+    let t = usage["tenant"].as_str().unwrap();
+    for series in [
+        format!("realm_tokens_total{{tenant=\"{t}\",model=\"tiny\",direction=\"out\"}} 8"),
+        format!("realm_time_to_first_token_seconds_count{{tenant=\"{t}\",model=\"tiny\"}} 2"),
+        format!("realm_time_per_output_token_seconds_count{{tenant=\"{t}\",model=\"tiny\"}} 2"),
+        "realm_engine_queue_depth{model=\"tiny\"}".to_string(),
+        "realm_kv_pages_total{model=\"tiny\"}".to_string(),
+    ] {
+        assert!(m.contains(&series), "{series} missing from:\n{m}");
+    }
+
     // Validation happens before any guest runs.
     let e = h
         .call(
@@ -258,7 +271,10 @@ async fn guest_upload_validates_and_isolates_tenants() {
     let e = upload(&h, &alice, "core", b"\0asm\x01\0\0\0".to_vec())
         .await
         .error(400);
-    assert!(e["message"].as_str().unwrap().contains("wasm32-wasip2"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("wasm32-wasip2"),
+        "{e}"
+    );
     // A component importing something the sandbox does not grant.
     let e = upload(
         &h,
@@ -318,4 +334,418 @@ async fn guest_upload_validates_and_isolates_tenants() {
             .status,
         200
     );
+}
+
+fn tokenizer() -> realm_engine::tokenizer::Tokenizer {
+    let f = realm_engine::gguf::GgufFile::open(MODEL).unwrap();
+    realm_engine::tokenizer::Tokenizer::from_gguf(&f).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_continue_raw_text() {
+    let (h, key) = with_model().await;
+    let body = json!({"model": "tiny", "prompt": "Hello there", "max_tokens": 4, "temperature": 0});
+    let r = h
+        .call("POST", "/v1/completions", Some(&key), Some(body.clone()))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion", "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl"), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    // No chat template: the prompt is exactly the tokenizer's encoding of the text (with BOS).
+    let expected = tokenizer().encode("Hello there", true, true).len() as u64;
+    assert_eq!(v["usage"]["prompt_tokens"], expected, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+
+    // Streamed: text_completion chunks whose texts concatenate to the same completion.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let r = h
+        .call("POST", "/v1/completions", Some(&key), Some(sbody))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = sse_data(&r.text());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut streamed = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(c["object"], "text_completion", "{c}");
+        streamed += c["choices"][0]["text"].as_str().unwrap_or("");
+    }
+    assert_eq!(streamed, text);
+
+    // Errors name the parameter.
+    for (bad, param) in [
+        (json!({"prompt": ["a", "b"]}), "prompt"),
+        (json!({"prompt": 7}), "prompt"),
+        (json!({"prompt": "x", "echo": true}), "echo"),
+        (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+        (json!({}), "prompt"),
+    ] {
+        let e = h
+            .call("POST", "/v1/completions", Some(&key), Some(bad))
+            .await
+            .error(400);
+        assert_eq!(e["param"], param, "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_parameters_take_effect() {
+    let (h, key) = with_model().await;
+    let chat = |extra: Value| {
+        let h = &h;
+        let key = key.clone();
+        async move {
+            let r = h
+                .call(
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(&key),
+                    Some(chat_body(extra)),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()
+        }
+    };
+
+    // n: independent choices with their own indices; a seed makes them reproducible.
+    let req = json!({"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 6});
+    let a = chat(req.clone()).await;
+    let b = chat(req).await;
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i, "{v}");
+                c["message"]["content"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    assert_eq!(texts(&a).len(), 3);
+    assert_eq!(texts(&a), texts(&b), "same seed, same choices");
+    assert_eq!(a["usage"]["completion_tokens"], 18, "{a}");
+    let e = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"n": 1000}))),
+        )
+        .await
+        .error(400);
+    assert_eq!(e["param"], "n");
+
+    // logit_bias +100 on one token makes greedy decoding pick it every time.
+    let tok = tokenizer();
+    let id = tok.encode("hello", false, false)[0];
+    // Streamed pieces keep their leading space (as llama.cpp's server streams them).
+    let piece = String::from_utf8(tok.piece(id)).unwrap();
+    let v = chat(json!({"logit_bias": {id.to_string(): 100}, "max_tokens": 3})).await;
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        piece.repeat(3).as_str(),
+        "{v}"
+    );
+
+    // stop: the text ends before the stop string and the choice finishes with "stop".
+    let v = chat(
+        json!({"logit_bias": {id.to_string(): 100}, "max_tokens": 3, "stop": [piece.clone()]}),
+    )
+    .await;
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+
+    // Bad values are refused before any guest runs.
+    for (bad, param) in [
+        (json!({"temperature": 3}), "temperature"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"logit_bias": {"x": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"1": 500}}), "logit_bias"),
+        (json!({"stop": [1]}), "stop"),
+        (json!({"seed": "x"}), "seed"),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format",
+        ),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
+        (json!({"max_tokens": 1000000}), "max_tokens"),
+    ] {
+        let e = h
+            .call(
+                "POST",
+                "/v1/chat/completions",
+                Some(&key),
+                Some(chat_body(bad)),
+            )
+            .await
+            .error(400);
+        assert_eq!(e["param"], param, "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_are_invoked_listed_and_deleted() {
+    let (h, key) = with_model().await;
+    let r = upload(
+        &h,
+        &key,
+        "tb",
+        realm_runtime::builtin::TESTBED_WASM.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    // Uploading the same name again is a conflict.
+    upload(
+        &h,
+        &key,
+        "tb",
+        realm_runtime::builtin::TESTBED_WASM.to_vec(),
+    )
+    .await
+    .error(409);
+    let list = h.call("GET", "/v1/guests", Some(&key), None).await.json();
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["name"] == "tb"),
+        "{list}"
+    );
+
+    // JSON in, JSON out.
+    let r = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "echo", "text": "hi"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"text": "hi"}));
+
+    // SSE: the streamed text, then the result, then [DONE].
+    let r = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke?stream=true",
+            Some(&key),
+            Some(json!({"op": "echo", "text": "hi"})),
+        )
+        .await;
+    let events = sse_data(&r.text());
+    assert_eq!(
+        events,
+        [
+            json!({"delta": "hi"}).to_string(),
+            json!({"result": {"text": "hi"}}).to_string(),
+            "[DONE]".to_string()
+        ]
+    );
+
+    // The guest drives the model through its sessions.
+    let r = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke?model=tiny",
+            Some(&key),
+            Some(json!({"op": "generate", "prompt": "Hello", "tokens": 3})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A trap is a 500 with the guest's message; the host keeps serving.
+    let e = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "trap-mid-generation", "prompt": "Hello", "tokens": 2})),
+        )
+        .await
+        .error(500);
+    assert_eq!(e["code"], "guest_trap", "{e}");
+    // A guest error (its handler returned Err) is a 400.
+    let e = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "no-such-op"})),
+        )
+        .await
+        .error(400);
+    assert_eq!(e["code"], "guest_error", "{e}");
+
+    // A request can pick the guest: the testbed does not speak the chat shape.
+    h.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(chat_body(json!({"guest": "tb"}))),
+    )
+    .await
+    .error(400);
+    h.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(chat_body(json!({"guest": "nope"}))),
+    )
+    .await
+    .error(404);
+
+    // Usage: requests, the trap, and guest CPU time are charged to the tenant.
+    let u = h.call("GET", "/v1/usage", Some(&key), None).await.json();
+    assert!(u["guest_traps"].as_u64().unwrap() >= 1, "{u}");
+    assert!(u["guest_cpu_us"].as_u64().unwrap() > 0, "{u}");
+    let metrics = h.call("GET", "/metrics", None, None).await.text();
+    assert!(
+        metrics.contains("realm_guest_cpu_seconds_total{"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kind=\"trap\""), "{metrics}");
+
+    // Deleted guests are gone.
+    let r = h.call("DELETE", "/v1/guests/tb", Some(&key), None).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    h.call("GET", "/v1/guests/tb", Some(&key), None)
+        .await
+        .error(404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_limits_come_from_tenant_quotas() {
+    let h = Harness::with(|c| c.threads = 1);
+    realm_http::load_model(&h.state, "tiny", std::path::Path::new(MODEL))
+        .await
+        .unwrap();
+    let (_, key) = h
+        .tenant(
+            "tight",
+            Some(json!({"guest_cpu_ms": 100, "guest_memory_bytes": 8 << 20})),
+        )
+        .await;
+    let r = upload(
+        &h,
+        &key,
+        "tb",
+        realm_runtime::builtin::TESTBED_WASM.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let e = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "loop"})),
+        )
+        .await
+        .error(422);
+    assert!(
+        e["message"].as_str().unwrap().contains("CPU time limit"),
+        "{e}"
+    );
+    let e = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "alloc", "mb": 1})),
+        )
+        .await
+        .error(422);
+    assert!(e["message"].as_str().unwrap().contains("memory"), "{e}");
+    // The host still serves this tenant afterwards.
+    let r = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "echo", "text": "ok"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_loads_and_unloads_models() {
+    let (h, key) = with_model().await;
+    let r = h
+        .admin(
+            "POST",
+            "/admin/models",
+            Some(json!({"path": MODEL, "name": "second"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["name"], "second", "{}", r.text());
+    assert!(
+        r.json()["kv_pages_total"].as_u64().unwrap() > 0,
+        "{}",
+        r.text()
+    );
+    // The name is taken now.
+    h.admin(
+        "POST",
+        "/admin/models",
+        Some(json!({"path": MODEL, "name": "second"})),
+    )
+    .await
+    .error(409);
+    let e = h
+        .admin(
+            "POST",
+            "/admin/models",
+            Some(json!({"path": "/no/such/model.gguf"})),
+        )
+        .await
+        .error(404);
+    assert_eq!(e["param"], "path");
+    let list = h.admin("GET", "/admin/models", None).await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    let v1 = h.call("GET", "/v1/models", Some(&key), None).await.json();
+    assert_eq!(v1["data"].as_array().unwrap().len(), 2, "{v1}");
+
+    // Served at once by its own engine.
+    let r = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"model": "second"}))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "second");
+
+    let r = h.admin("DELETE", "/admin/models/second", None).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    h.admin("DELETE", "/admin/models/second", None)
+        .await
+        .error(404);
+    h.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(chat_body(json!({"model": "second"}))),
+    )
+    .await
+    .error(404);
+    // Tenants cannot reach the admin API.
+    h.call("GET", "/admin/models", Some(&key), None)
+        .await
+        .error(401);
 }

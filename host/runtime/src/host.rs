@@ -860,10 +860,14 @@ pub(crate) async fn invoke(
     ctx: InvokeContext,
     input: String,
     output: tokio::sync::mpsc::UnboundedSender<String>,
-) -> Result<String, GuestError> {
+) -> (Result<String, GuestError>, Duration) {
     let wall = ctx.limits.wall_clock;
-    let _slot = InstanceSlot::take(rt, &ctx.tenant, ctx.limits.max_instances)?;
+    let _slot = match InstanceSlot::take(rt, &ctx.tenant, ctx.limits.max_instances) {
+        Ok(s) => s,
+        Err(e) => return (Err(e), Duration::ZERO),
+    };
     let mut store = new_store(rt, ctx, output);
+    let meter = store.data().cpu.clone();
     let pre = guest.inner.pre.clone();
     let run = async {
         store.data().cpu.resume();
@@ -884,10 +888,11 @@ pub(crate) async fn invoke(
     };
     // Dropping the future on timeout abandons the guest's fiber; dropping the store then
     // frees its sessions (and so their KV pages).
-    match tokio::time::timeout(wall, run).await {
+    let result = match tokio::time::timeout(wall, run).await {
         Ok(r) => r,
         Err(_) => Err(wall_clock_error(wall)),
-    }
+    };
+    (result, meter.used())
 }
 
 fn instantiate_error(store: &Store<HostState>, e: wasmtime::Error) -> GuestError {

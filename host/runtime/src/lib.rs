@@ -405,6 +405,18 @@ impl Runtime {
         input: String,
         output: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<String, GuestError> {
+        self.invoke_metered(guest, ctx, input, output).await.0
+    }
+
+    /// [`Runtime::invoke`], also returning the guest's CPU time: time its code ran, excluding
+    /// time spent waiting for the engine (what tenants' usage reports as guest CPU time).
+    pub async fn invoke_metered(
+        &self,
+        guest: &Guest,
+        ctx: InvokeContext,
+        input: String,
+        output: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> (Result<String, GuestError>, std::time::Duration) {
         host::invoke(&self.inner, guest, ctx, input, output).await
     }
 

@@ -24,10 +24,18 @@ pub(super) fn spawn(
     rx: Receiver<Msg>,
     stats: Arc<Mutex<EngineStats>>,
 ) {
+    // Wait until the KV pool exists and the first stats are published, so that callers
+    // reading `Engine::stats` right after `start` see the pool's real size.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("realm-engine".into())
-        .spawn(move || EngineLoop::new(model, cfg, stats).run(rx))
+        .spawn(move || {
+            let engine = EngineLoop::new(model, cfg, stats);
+            let _ = ready_tx.send(());
+            engine.run(rx)
+        })
         .expect("spawning the engine thread");
+    let _ = ready_rx.recv();
 }
 
 /// A queued feed: `tokens[done..]` still to be processed.
