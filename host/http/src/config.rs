@@ -222,6 +222,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_deploy_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/realm.toml"
+        ));
+        let c = Config::load(path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.data_dir, Path::new("/var/lib/realm"));
+        assert_eq!(c.models_dir.as_deref(), Some(Path::new("/models")));
+        assert_eq!(c.listen.port(), 8080);
+    }
+
+    #[test]
     fn parses_full_file_and_rejects_unknown_keys() {
         let c = Config::from_toml(
             r#"

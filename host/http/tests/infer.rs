@@ -412,10 +412,8 @@ async fn sampling_parameters_take_effect() {
         }
     };
 
-    // n: independent choices with their own indices; a seed makes them reproducible.
-    let req = json!({"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 6});
-    let a = chat(req.clone()).await;
-    let b = chat(req).await;
+    // n: independent choices with their own indices and seeds (seed + i).
+    let a = chat(json!({"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 6})).await;
     let texts = |v: &Value| -> Vec<String> {
         v["choices"]
             .as_array()
@@ -428,8 +426,23 @@ async fn sampling_parameters_take_effect() {
             })
             .collect()
     };
-    assert_eq!(texts(&a).len(), 3);
-    assert_eq!(texts(&a), texts(&b), "same seed, same choices");
+    let choices = texts(&a);
+    assert_eq!(choices.len(), 3);
+    // Six tokens drawn at temperature 1 from a random model: equal texts would mean equal seeds.
+    assert!(
+        choices[0] != choices[1] && choices[1] != choices[2],
+        "{choices:?}"
+    );
+    // A seed reproduces a sequence that runs alone. (Sequences batched together can differ in
+    // the last bits of their logits, see docs/architecture.md, so a sampled token near a tie
+    // may change under concurrent load; OpenAI's seed is best-effort too.)
+    let one = json!({"temperature": 1.0, "seed": 7, "max_tokens": 6});
+    let x = chat(one.clone()).await;
+    let y = chat(one).await;
+    assert_eq!(
+        x["choices"][0]["message"]["content"],
+        y["choices"][0]["message"]["content"]
+    );
     assert_eq!(a["usage"]["completion_tokens"], 18, "{a}");
     let e = h
         .call(
