@@ -55,6 +55,12 @@ impl CpuBackend {
         self.threads
     }
 
+    /// The end of a forward pass: the spin pool's workers park instead of spinning through
+    /// the gap before the next one, which callers spend sampling (on these same cores).
+    pub fn rest(&self) {
+        self.spin.rest();
+    }
+
     /// Runs `f` inside this backend's thread pool, so that every parallel op it calls uses it.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)

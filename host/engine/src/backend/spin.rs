@@ -60,6 +60,9 @@ struct Shared {
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     sleeping: Vec<AtomicBool>,
     shutdown: AtomicBool,
+    /// Set by [`SpinPool::rest`]: idle workers park at once instead of spinning; cleared when
+    /// the next region is published.
+    resting: AtomicBool,
     spin: Duration,
 }
 
@@ -102,7 +105,7 @@ impl Shared {
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(64) {
                 std::hint::spin_loop();
-            } else if start.elapsed() < self.spin {
+            } else if start.elapsed() < self.spin && !self.resting.load(Relaxed) {
                 // Lets other runnable threads (another engine's, say) have this core: returns
                 // at once when there are none.
                 std::thread::yield_now();
@@ -138,6 +141,7 @@ impl SpinPool {
             panic: Mutex::new(None),
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
             shutdown: AtomicBool::new(false),
+            resting: AtomicBool::new(false),
             spin,
         });
         let mut pool = SpinPool {
@@ -190,6 +194,7 @@ impl SpinPool {
             let job = Job { f: &g };
             let s = &*self.shared;
             *epoch = (*epoch + 1) & (u64::MAX >> (IDX_BITS + N_BITS));
+            s.resting.store(false, Relaxed);
             s.pending.store(count, Relaxed);
             s.job
                 .store((&job as *const Job<'_>).cast_mut().cast(), Relaxed);
@@ -217,6 +222,13 @@ impl SpinPool {
                 resume_unwind(p);
             }
         }
+    }
+
+    /// Tells idle workers to park now rather than spin until the next region: for the end of a
+    /// burst of regions (a forward pass), when the cores are better left to other threads (the
+    /// callers sampling, guests, the server). The next region wakes them.
+    pub fn rest(&self) {
+        self.shared.resting.store(true, Relaxed);
     }
 
     /// Calls `f` on every item, spread over the pool (each item goes to exactly one task).
@@ -254,6 +266,28 @@ mod tests {
 
     fn pool(threads: usize) -> SpinPool {
         SpinPool::new(threads, Duration::from_micros(200)).unwrap()
+    }
+
+    #[test]
+    fn rest_parks_idle_workers_and_the_next_region_wakes_them() {
+        // Workers that would spin for a minute after each region.
+        let p = SpinPool::new(3, Duration::from_secs(60)).unwrap();
+        let count = AtomicU32::new(0);
+        for _ in 0..3 {
+            p.run(64, &|_| {
+                count.fetch_add(1, Relaxed);
+            });
+            p.rest();
+            let t = Instant::now();
+            while !p.shared.sleeping.iter().all(|f| f.load(SeqCst)) {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "workers kept spinning"
+                );
+                std::thread::yield_now();
+            }
+        }
+        assert_eq!(count.load(Relaxed), 3 * 64);
     }
 
     #[test]

@@ -446,6 +446,7 @@ impl Model {
         let logits = self
             .backend
             .install(|| self.arch.forward(&self.backend, kv, &batch, inputs));
+        self.backend.rest();
         for s in inputs.iter_mut() {
             kv.advance(s.cache, s.tokens.len());
         }
