@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=${REALM_BIN:-target/debug/realm}
+bin=${REALM_BIN:-${CARGO_TARGET_DIR:-target}/debug/realm}
 [ -x "$bin" ] || cargo build -p realm
 data=$(mktemp -d)
 log=$(mktemp)

@@ -37,7 +37,7 @@ cargo test --workspace -- --test-threads 2
 
 step "realm serve end to end (real binary on a loopback port: curl, the openai client, load)"
 cargo build -p realm
-REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=target/debug/realm scripts/test-serve.sh
+REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=${CARGO_TARGET_DIR:-target}/debug/realm scripts/test-serve.sh
 
 step "guest SDK unit tests (host target)"
 CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo test --manifest-path guest-sdk/Cargo.toml
