@@ -12,23 +12,11 @@ throughput and time-to-first-token percentiles.
 
 import argparse
 import asyncio
-import json
 import sys
 import time
-import urllib.request
 
 from openai import AsyncOpenAI
-
-
-def admin(base, token, method, path, body=None):
-    req = urllib.request.Request(
-        base + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req) as r:
-        return json.load(r)
+from realm_admin import admin
 
 
 def pct(xs, p):

@@ -10,21 +10,10 @@ streamed), JSON mode, and the client's typed errors. Exits non-zero on the first
 
 import json
 import sys
-import urllib.request
 
 import openai
 from openai import OpenAI
-
-
-def admin(base, token, method, path, body=None):
-    req = urllib.request.Request(
-        base + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req) as r:
-        return json.load(r)
+from realm_admin import admin
 
 
 def check(cond, what):
