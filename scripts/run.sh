@@ -27,7 +27,7 @@ if [ -z "${REALM_ADMIN_TOKEN:-}" ]; then
     export REALM_ADMIN_TOKEN
 fi
 
-./target/release/realm serve --listen "$listen" --data-dir "$data" --model "$model" &
+"${CARGO_TARGET_DIR:-target}/release/realm" serve --listen "$listen" --data-dir "$data" --model "$model" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' INT TERM EXIT
 
