@@ -103,6 +103,9 @@ pub struct Call {
     pub model: String,
     pub started: Instant,
     pub first_token: Option<Instant>,
+    /// Text chunks streamed so far (what a client that went away is charged for).
+    chunks: u64,
+    finished: bool,
 }
 
 impl Call {
@@ -114,10 +117,13 @@ impl Call {
             model: model.to_string(),
             started: Instant::now(),
             first_token: None,
+            chunks: 0,
+            finished: false,
         }
     }
 
     pub fn saw_output(&mut self) {
+        self.chunks += 1;
         if self.first_token.is_none() {
             let now = Instant::now();
             self.first_token = Some(now);
@@ -155,6 +161,9 @@ impl Call {
 
     /// Records the finished request (once).
     pub fn finish(&mut self, prompt_tokens: u64, completion_tokens: u64, traps: u64) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let m = &self.state.metrics;
         for (dir, n) in [("in", prompt_tokens), ("out", completion_tokens)] {
             m.tokens
@@ -180,6 +189,18 @@ impl Call {
         };
         if let Err(e) = self.state.store.add_usage(&self.tenant.id, delta) {
             tracing::warn!(tenant = %self.tenant.id, error = %e, "could not record usage");
+        }
+    }
+}
+
+/// A request that ended without `finish` (its client disconnected mid-stream, dropping the
+/// stream and aborting the guest calls) is still charged: one request, and a generated token
+/// per text chunk streamed (the guests stream one chunk per token; the prompt's size is not
+/// known without the guest's response).
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(0, self.chunks, 0);
         }
     }
 }

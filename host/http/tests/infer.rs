@@ -762,3 +762,46 @@ async fn admin_loads_and_unloads_models() {
         .await
         .error(401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_is_still_charged() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let (h, key) = with_model().await;
+    let body = chat_body(json!({"stream": true, "max_tokens": 200, "logit_bias": {"2": -100}}));
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = realm_http::router(h.state.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // Read until some content arrived, then hang up.
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 3 {
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Some(d) = frame.data_ref() {
+            seen += &String::from_utf8_lossy(d);
+        }
+    }
+    drop(body);
+    // The request and the tokens streamed so far are on the tenant's bill.
+    let t = std::time::Instant::now();
+    loop {
+        let u = h.call("GET", "/v1/usage", Some(&key), None).await.json();
+        if u["requests"] == 1 {
+            let out = u["tokens_out"].as_u64().unwrap();
+            assert!((1..200).contains(&out), "{u}");
+            break;
+        }
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "disconnected request never charged: {u}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
