@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/toolchain.sh
 model=$(scripts/fetch-model.sh)
 cargo build --release -p realm
 data=${REALM_DATA_DIR:-realm-data}

@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s ==\n' "$*" >&2; }
 
 step "toolchain"
-# rust-toolchain.toml pins the compiler and the wasm32-wasip2 target; rustup installs both on
-# first use.
-rustc --version >&2
+# rust-toolchain.toml pins the compiler; the script adds the wasm32-wasip2 target, rustfmt and
+# clippy where the installed toolchain lacks them.
+scripts/toolchain.sh
 cargo --version >&2
 
 step "default model"
