@@ -105,11 +105,14 @@ impl CpuBackend {
                 let rows = outs[0].len();
                 // The kernel writes [rows, tokens]; a small block of rows at a time stays in cache
                 // while it is scattered to the tokens' rows (and its weights stay in L2 across the
-                // token tiles).
-                let mut tile = vec![0f32; ROW_BLOCK.min(rows) * n];
+                // token tiles). Tile rows are an odd number of cache lines apart: the scatter
+                // reads the tile column by column, and at a power-of-two stride (n = 512: 2 KiB)
+                // those reads all fall into two L1 sets and miss.
+                let ts = (n.div_ceil(16) | 1) * 16;
+                let mut tile = vec![0f32; ROW_BLOCK.min(rows) * ts];
                 for b0 in (0..rows).step_by(ROW_BLOCK) {
                     let br = ROW_BLOCK.min(rows - b0);
-                    let tile = &mut tile[..br * n];
+                    let tile = &mut tile[..br * ts];
                     let wrows = &wd[(r0 + b0) * rb..(r0 + b0 + br) * rb];
                     for t0 in (0..n).step_by(TOKEN_BLOCK) {
                         let cols = TOKEN_BLOCK.min(n - t0);
@@ -122,12 +125,12 @@ impl CpuBackend {
                             arb,
                             cols,
                             &mut tile[t0..],
-                            n,
+                            ts,
                         );
                     }
                     for (t, out) in outs.iter_mut().enumerate() {
                         for (r, o) in out[b0..b0 + br].iter_mut().enumerate() {
-                            *o = tile[r * n + t];
+                            *o = tile[r * ts + t];
                         }
                     }
                 }
@@ -246,14 +249,14 @@ impl CpuBackend {
                 sum += *s;
             }
             let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (j, &s) in (lo..=pos).zip(&scores) {
+            for s in &mut scores {
                 // The probabilities meet f16 values, so llama.cpp rounds them to f16 for the
                 // product; doing the same keeps long contexts in step with the reference.
-                let w = f16::from_f32(s * inv).to_f32();
-                let at = (j - base) * kvd + kvh * hd;
-                axpy(o, w, &values[at..at + hd]);
+                *s = f16::from_f32(*s * inv).to_f32();
             }
+            // Value rows lo..=pos of this kv head, kv_dim apart.
+            let at = (lo - base) * kvd + kvh * hd;
+            quant::weighted_sum(&scores, &values[at..], kvd, o);
         };
         // A decode step over a short context is a few microseconds of work: less than waking the
         // other workers costs. Spread it only when there is enough (query, key) pairs.
@@ -270,20 +273,6 @@ impl CpuBackend {
         } else {
             out.chunks_mut(hd).enumerate().for_each(work);
         }
-    }
-}
-
-/// acc += w * x, in chunks the compiler keeps in vector registers.
-fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
-    let mut a = acc.chunks_exact_mut(8);
-    let mut b = x.chunks_exact(8);
-    for (a8, b8) in (&mut a).zip(&mut b) {
-        for (p, v) in a8.iter_mut().zip(b8) {
-            *p += w * v;
-        }
-    }
-    for (p, v) in a.into_remainder().iter_mut().zip(b.remainder()) {
-        *p += w * v;
     }
 }
 

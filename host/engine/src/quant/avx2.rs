@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use crate::quant::scalar::{self, check_gemv, check_vec_dot, gemm_loop};
-use crate::quant::{GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
+use crate::quant::{GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn, WeightedSumFn};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -216,6 +216,10 @@ pub(super) fn f16_to_f32_fn() -> Option<RowConvFn> {
 
 pub(super) fn bf16_to_f32_fn() -> Option<RowConvFn> {
     available().then_some(bf16_to_f32_row as RowConvFn)
+}
+
+pub(super) fn weighted_sum_fn() -> Option<WeightedSumFn> {
+    available().then_some(weighted_sum as WeightedSumFn)
 }
 
 macro_rules! entry {
@@ -508,6 +512,74 @@ unsafe fn f16_to_f32_impl(src: *const u8, dst: *mut f32, n: usize) {
         while i < n {
             *dst.add(i) = ld_f16(src.add(2 * i));
             i += 1;
+        }
+    }
+}
+
+fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    scalar::check_weighted_sum(w, rows, stride, out);
+    // SAFETY: handed out only by `weighted_sum_fn` after the feature check, and
+    // `check_weighted_sum` proved that row `j < w.len()` has `out.len()` readable values at
+    // `rows[j * stride..]`.
+    unsafe {
+        weighted_sum_impl(
+            w.as_ptr(),
+            w.len(),
+            rows.as_ptr(),
+            stride,
+            out.as_mut_ptr(),
+            out.len(),
+        )
+    }
+}
+
+/// Attention's probability-weighted sum of value rows. The output stays in registers across
+/// all rows, 64 columns (8 accumulators) at a time, so each value is loaded once and no partial
+/// sum goes through memory; the products are fused (FMA), which rounds once where the scalar
+/// twin rounds twice.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_impl(
+    w: *const f32,
+    nw: usize,
+    rows: *const f32,
+    stride: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    // SAFETY: the caller guarantees nw readable weights, n readable values at rows + j * stride
+    // for every j < nw, and n writable values at out.
+    unsafe {
+        let mut d = 0;
+        while d + 64 <= n {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for j in 0..nw {
+                let wj = _mm256_set1_ps(*w.add(j));
+                let r = rows.add(j * stride + d);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r.add(8 * k)), *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(d + 8 * k), *a);
+            }
+            d += 64;
+        }
+        while d + 8 <= n {
+            let mut acc = _mm256_setzero_ps();
+            for j in 0..nw {
+                let v = _mm256_loadu_ps(rows.add(j * stride + d));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(j)), v, acc);
+            }
+            _mm256_storeu_ps(out.add(d), acc);
+            d += 8;
+        }
+        while d < n {
+            let mut acc = 0f32;
+            for j in 0..nw {
+                acc = (*w.add(j)).mul_add(*rows.add(j * stride + d), acc);
+            }
+            *out.add(d) = acc;
+            d += 1;
         }
     }
 }

@@ -370,6 +370,8 @@ pub type VecDotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 /// the same level's `vec_dot` (same integer sums, same f32 accumulation order per row). `w_stride`
 /// is in bytes; panics unless every row fits in `w` and `act` holds a whole activation row.
 pub type GemvFn = fn(k: usize, w: &[u8], w_stride: usize, act: &[u8], out: &mut [f32]);
+/// See [`weighted_sum`].
+pub type WeightedSumFn = fn(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
 /// f32 activations → `act_type` bytes (`dst` exactly `act_type.row_bytes(src.len())` long).
 pub type QuantizeActFn = fn(src: &[f32], dst: &mut [u8]);
 /// Tiled matrix product of `rows` weight rows with `cols` activation rows:
@@ -483,6 +485,33 @@ pub fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
         return f(src, dst);
     }
     scalar::f16_to_f32_row(src, dst)
+}
+
+/// `out[d] = Σ_j w[j] · rows[j · stride + d]` for every `d < out.len()`, overwriting `out`:
+/// attention's probability-weighted sum of value rows (`rows` in elements, one row per weight,
+/// `stride` apart). The SIMD level fuses each multiply-add, so results differ from the scalar
+/// twin by rounding only. Panics unless `rows` holds every row named.
+pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if detected_isa() >= Isa::Avx2
+        && let Some(f) = avx2::weighted_sum_fn()
+    {
+        return f(w, rows, stride, out);
+    }
+    scalar::weighted_sum(w, rows, stride, out)
+}
+
+/// [`weighted_sum`] at exactly level `isa`; `None` if this CPU cannot run it (for tests and
+/// benchmarks that compare levels).
+pub fn weighted_sum_for(isa: Isa) -> Option<WeightedSumFn> {
+    if !cpu_supports(isa) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        return avx2::weighted_sum_fn();
+    }
+    Some(scalar::weighted_sum)
 }
 
 /// Little-endian bf16 bytes → f32 (`src.len() == 2 * dst.len()`).

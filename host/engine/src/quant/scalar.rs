@@ -176,6 +176,35 @@ pub(crate) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Checks a weighted-sum call (see [`weighted_sum`](crate::quant::weighted_sum)).
+pub(crate) fn check_weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &[f32]) {
+    if let Some(last) = w.len().checked_sub(1) {
+        let need = last
+            .checked_mul(stride)
+            .and_then(|v| v.checked_add(out.len()))
+            .expect("weighted_sum: size overflows");
+        assert!(
+            rows.len() >= need,
+            "weighted_sum: {} rows of {} at stride {stride} need {need} values, got {}",
+            w.len(),
+            out.len(),
+            rows.len()
+        );
+    }
+}
+
+/// `out[d] = Σ_j w[j] · rows[j · stride + d]`, each term added in order of `j`.
+pub(crate) fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    check_weighted_sum(w, rows, stride, out);
+    out.fill(0.0);
+    for (j, &wj) in w.iter().enumerate() {
+        let row = &rows[j * stride..j * stride + out.len()];
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += wj * v;
+        }
+    }
+}
+
 pub(crate) fn bf16_to_f32_row(src: &[u8], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
         *d = bf16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();

@@ -981,3 +981,57 @@ fn gemv_rejects_short_slices() {
         }
     }
 }
+
+#[test]
+fn weighted_sum_simd_matches_scalar() {
+    let mut rng = SmallRng::seed_from_u64(77);
+    // Widths that exercise the 64-wide blocks, the 8-wide blocks and the scalar tail; strides
+    // equal to and wider than the row, as attention's values use them (kv_dim ≥ head_dim).
+    for (nw, n, extra) in [
+        (1, 64, 0),
+        (7, 256, 0),
+        (37, 256, 768),
+        (5, 130, 3),
+        (3, 5, 1),
+    ] {
+        let stride = n + extra;
+        let w: Vec<f32> = (0..nw).map(|_| rng.random::<f32>()).collect();
+        let rows = gaussianish((nw - 1) * stride + n, &mut rng);
+        let mut want = vec![f32::NAN; n];
+        weighted_sum_for(Isa::Scalar).unwrap()(&w, &rows, stride, &mut want);
+        for d in 0..n {
+            let exact: f64 = (0..nw)
+                .map(|j| w[j] as f64 * rows[j * stride + d] as f64)
+                .sum();
+            assert!((want[d] as f64 - exact).abs() < 1e-5, "scalar column {d}");
+        }
+        for isa in available_isas() {
+            let mut got = vec![f32::NAN; n];
+            weighted_sum_for(isa).unwrap()(&w, &rows, stride, &mut got);
+            for d in 0..n {
+                let mag: f32 = (0..nw).map(|j| (w[j] * rows[j * stride + d]).abs()).sum();
+                assert!(
+                    (got[d] - want[d]).abs() <= 1e-6 * mag.max(1.0),
+                    "{isa:?} nw={nw} n={n} col {d}: {} vs {}",
+                    got[d],
+                    want[d]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn weighted_sum_rejects_short_rows_and_handles_no_rows() {
+    for isa in available_isas() {
+        let f = weighted_sum_for(isa).unwrap();
+        let mut out = vec![1f32; 8];
+        f(&[], &[], 8, &mut out);
+        assert_eq!(out, [0.0; 8], "{isa:?}: no rows sums to zero");
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 8];
+            f(&[1.0, 1.0], &[0.0; 15], 8, &mut out);
+        });
+        assert!(r.is_err(), "{isa:?}: short rows accepted");
+    }
+}

@@ -235,6 +235,8 @@ impl Engine {
         })
     }
 
+    /// The loop's counters as of its last step. They are published after each step, so an
+    /// answer received from that step can arrive a moment before the stats that include it.
     pub fn stats(&self) -> EngineStats {
         self.shared.stats.lock().expect("stats lock").clone()
     }
