@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::backend::spin::SpinPool;
 use crate::gguf::TensorView;
 use crate::kv::{KvPool, SeqCache};
-use crate::quant::{self, GgmlType};
+use crate::quant;
 
 /// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
 /// task's weight rows stream past them.
@@ -210,38 +210,47 @@ impl CpuBackend {
             Some(w) => (pos + 1).saturating_sub(w),
             None => 0,
         };
-        // Values of every position any query here can see, converted to f32 once rather than
-        // once per query: [pos - base, kv_dim].
+        // Keys and values of every position any query here can see, converted to f32 once
+        // rather than once per query and head: [pos - base, kv_dim] each.
         let base = lo_of(pos0);
         let end = pos0 + n;
+        let mut keys = vec![0f32; (end - base) * kvd];
         let mut values = vec![0f32; (end - base) * kvd];
-        let convert = |(i, row): (usize, &mut [f32])| {
-            kv.read(layer, seq, base + i).1.convert_to_f32_slice(row);
+        let convert = |(i, (k, v)): (usize, (&mut [f32], &mut [f32]))| {
+            let (kr, vr) = kv.read(layer, seq, base + i);
+            kr.convert_to_f32_slice(k);
+            vr.convert_to_f32_slice(v);
         };
         if n > 1 {
-            values.par_chunks_mut(kvd).enumerate().for_each(convert);
+            keys.par_chunks_mut(kvd)
+                .zip(values.par_chunks_mut(kvd))
+                .enumerate()
+                .for_each(convert);
         } else {
-            values.chunks_mut(kvd).enumerate().for_each(convert);
+            keys.chunks_mut(kvd)
+                .zip(values.chunks_mut(kvd))
+                .enumerate()
+                .for_each(convert);
         }
-        let f16k = quant::kernels(GgmlType::F16);
         let work = |(i, o): (usize, &mut [f32])| {
             let (t, h) = (i / p.n_head, i % p.n_head);
             let pos = pos0 + t;
             let kvh = h / group;
             let lo = lo_of(pos);
-            let qh = &q[i * hd..(i + 1) * hd];
-            // Keys are f16: the query is rounded to f16 too and the dot runs in the F16 kernel,
-            // as llama.cpp's KQ product does.
-            let mut q16 = vec![0u8; hd * 2];
-            (f16k.quantize_act)(qh, &mut q16);
-            let mut scores = Vec::with_capacity(pos + 1 - lo);
+            // Keys are f16: the query is rounded to f16 too, as llama.cpp's KQ product does
+            // (f16 x f16 products are exact in f32, so only the order of the sum differs).
+            let qh: Vec<f32> = q[i * hd..(i + 1) * hd]
+                .iter()
+                .map(|&v| f16::from_f32(v).to_f32())
+                .collect();
+            // Key and value rows lo..=pos of this kv head, kv_dim apart.
+            let at = (lo - base) * kvd + kvh * hd;
+            let mut scores = vec![0f32; pos + 1 - lo];
+            quant::dot_rows(&qh, &keys[at..], kvd, &mut scores);
             let mut max = f32::NEG_INFINITY;
-            for j in lo..=pos {
-                let (kr, _) = kv.read(layer, seq, j);
-                let kr = &kr[kvh * hd..(kvh + 1) * hd];
-                let s = (f16k.vec_dot)(hd, bytemuck::cast_slice(kr), &q16) * p.scale;
-                max = max.max(s);
-                scores.push(s);
+            for s in &mut scores {
+                *s *= p.scale;
+                max = max.max(*s);
             }
             let mut sum = 0f32;
             for s in &mut scores {
@@ -254,8 +263,6 @@ impl CpuBackend {
                 // product; doing the same keeps long contexts in step with the reference.
                 *s = f16::from_f32(*s * inv).to_f32();
             }
-            // Value rows lo..=pos of this kv head, kv_dim apart.
-            let at = (lo - base) * kvd + kvh * hd;
             quant::weighted_sum(&scores, &values[at..], kvd, o);
         };
         // A decode step over a short context is a few microseconds of work: less than waking the

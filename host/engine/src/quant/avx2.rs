@@ -11,7 +11,9 @@
 use std::arch::x86_64::*;
 
 use crate::quant::scalar::{self, check_gemv, check_vec_dot, gemm_loop};
-use crate::quant::{GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn, WeightedSumFn};
+use crate::quant::{
+    DotRowsFn, GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn, WeightedSumFn,
+};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -216,6 +218,10 @@ pub(super) fn f16_to_f32_fn() -> Option<RowConvFn> {
 
 pub(super) fn bf16_to_f32_fn() -> Option<RowConvFn> {
     available().then_some(bf16_to_f32_row as RowConvFn)
+}
+
+pub(super) fn dot_rows_fn() -> Option<DotRowsFn> {
+    available().then_some(dot_rows as DotRowsFn)
 }
 
 pub(super) fn weighted_sum_fn() -> Option<WeightedSumFn> {
@@ -537,7 +543,7 @@ fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
 /// all rows, 64 columns (8 accumulators) at a time, so each value is loaded once and no partial
 /// sum goes through memory; the products are fused (FMA), which rounds once where the scalar
 /// twin rounds twice.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_sum_impl(
     w: *const f32,
     nw: usize,
@@ -580,6 +586,74 @@ unsafe fn weighted_sum_impl(
             }
             *out.add(d) = acc;
             d += 1;
+        }
+    }
+}
+
+fn dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    scalar::check_dot_rows(x, rows, stride, out);
+    // SAFETY: handed out only by `dot_rows_fn` after the feature check, and `check_dot_rows`
+    // proved that row `j < out.len()` has `x.len()` readable values at `rows[j * stride..]`.
+    unsafe {
+        dot_rows_impl(
+            x.as_ptr(),
+            x.len(),
+            rows.as_ptr(),
+            stride,
+            out.as_mut_ptr(),
+            out.len(),
+        )
+    }
+}
+
+/// Attention's query-key scores: four rows at a time, so that each 8-wide piece of `x` is
+/// loaded once for four independent FMA chains.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_impl(
+    x: *const f32,
+    n: usize,
+    rows: *const f32,
+    stride: usize,
+    out: *mut f32,
+    m: usize,
+) {
+    // SAFETY: the caller guarantees n readable values at x and at rows + j * stride for every
+    // j < m, and m writable values at out.
+    unsafe {
+        let n8 = n / 8 * 8;
+        let tail = |j: usize, mut s: f32| {
+            for d in n8..n {
+                s = (*x.add(d)).mul_add(*rows.add(j * stride + d), s);
+            }
+            s
+        };
+        let mut j = 0;
+        while j + 4 <= m {
+            let r = [0, 1, 2, 3].map(|k| rows.add((j + k) * stride));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut d = 0;
+            while d < n8 {
+                let xv = _mm256_loadu_ps(x.add(d));
+                for (a, rk) in acc.iter_mut().zip(&r) {
+                    *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rk.add(d)), *a);
+                }
+                d += 8;
+            }
+            for (k, a) in acc.iter().enumerate() {
+                *out.add(j + k) = tail(j + k, hsum_ps(*a));
+            }
+            j += 4;
+        }
+        while j < m {
+            let r = rows.add(j * stride);
+            let mut acc = _mm256_setzero_ps();
+            let mut d = 0;
+            while d < n8 {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(d)), _mm256_loadu_ps(r.add(d)), acc);
+                d += 8;
+            }
+            *out.add(j) = tail(j, hsum_ps(acc));
+            j += 1;
         }
     }
 }

@@ -370,6 +370,8 @@ pub type VecDotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 /// the same level's `vec_dot` (same integer sums, same f32 accumulation order per row). `w_stride`
 /// is in bytes; panics unless every row fits in `w` and `act` holds a whole activation row.
 pub type GemvFn = fn(k: usize, w: &[u8], w_stride: usize, act: &[u8], out: &mut [f32]);
+/// See [`dot_rows`].
+pub type DotRowsFn = fn(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
 /// See [`weighted_sum`].
 pub type WeightedSumFn = fn(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
 /// f32 activations → `act_type` bytes (`dst` exactly `act_type.row_bytes(src.len())` long).
@@ -512,6 +514,32 @@ pub fn weighted_sum_for(isa: Isa) -> Option<WeightedSumFn> {
         return avx2::weighted_sum_fn();
     }
     Some(scalar::weighted_sum)
+}
+
+/// `out[j] = Σ_d x[d] · rows[j · stride + d]` for every `j < out.len()`: attention's
+/// query-key scores over f32 key rows `stride` apart (`d < x.len()`). The SIMD level fuses the
+/// multiply-adds and sums in another order, so results differ from the scalar twin by rounding
+/// only. Panics unless `rows` holds every row named.
+pub fn dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if detected_isa() >= Isa::Avx2
+        && let Some(f) = avx2::dot_rows_fn()
+    {
+        return f(x, rows, stride, out);
+    }
+    scalar::dot_rows(x, rows, stride, out)
+}
+
+/// [`dot_rows`] at exactly level `isa`; `None` if this CPU cannot run it.
+pub fn dot_rows_for(isa: Isa) -> Option<DotRowsFn> {
+    if !cpu_supports(isa) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        return avx2::dot_rows_fn();
+    }
+    Some(scalar::dot_rows)
 }
 
 /// Little-endian bf16 bytes → f32 (`src.len() == 2 * dst.len()`).

@@ -205,6 +205,32 @@ pub(crate) fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f3
     }
 }
 
+/// Checks a dot-rows call (see [`dot_rows`](crate::quant::dot_rows)).
+pub(crate) fn check_dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &[f32]) {
+    if let Some(last) = out.len().checked_sub(1) {
+        let need = last
+            .checked_mul(stride)
+            .and_then(|v| v.checked_add(x.len()))
+            .expect("dot_rows: size overflows");
+        assert!(
+            rows.len() >= need,
+            "dot_rows: {} rows of {} at stride {stride} need {need} values, got {}",
+            out.len(),
+            x.len(),
+            rows.len()
+        );
+    }
+}
+
+/// `out[j] = Σ_d x[d] · rows[j · stride + d]`, each sum taken in order of `d`.
+pub(crate) fn dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    check_dot_rows(x, rows, stride, out);
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = &rows[j * stride..j * stride + x.len()];
+        *o = x.iter().zip(row).fold(0.0, |acc, (a, b)| acc + a * b);
+    }
+}
+
 pub(crate) fn bf16_to_f32_row(src: &[u8], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
         *d = bf16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();

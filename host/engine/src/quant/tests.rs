@@ -1035,3 +1035,55 @@ fn weighted_sum_rejects_short_rows_and_handles_no_rows() {
         assert!(r.is_err(), "{isa:?}: short rows accepted");
     }
 }
+
+#[test]
+fn dot_rows_simd_matches_scalar() {
+    let mut rng = SmallRng::seed_from_u64(78);
+    // Row counts that exercise the 4-row blocks and the single-row tail; lengths with and
+    // without a scalar tail; strides equal to and wider than the row.
+    for (m, n, extra) in [
+        (1, 8, 0),
+        (4, 256, 0),
+        (37, 256, 768),
+        (6, 130, 3),
+        (3, 5, 1),
+    ] {
+        let stride = n + extra;
+        let x = gaussianish(n, &mut rng);
+        let rows = gaussianish((m - 1) * stride + n, &mut rng);
+        let mut want = vec![f32::NAN; m];
+        dot_rows_for(Isa::Scalar).unwrap()(&x, &rows, stride, &mut want);
+        for j in 0..m {
+            let exact: f64 = (0..n)
+                .map(|d| x[d] as f64 * rows[j * stride + d] as f64)
+                .sum();
+            assert!((want[j] as f64 - exact).abs() < 1e-4, "scalar row {j}");
+        }
+        for isa in available_isas() {
+            let mut got = vec![f32::NAN; m];
+            dot_rows_for(isa).unwrap()(&x, &rows, stride, &mut got);
+            for j in 0..m {
+                let mag: f32 = (0..n).map(|d| (x[d] * rows[j * stride + d]).abs()).sum();
+                assert!(
+                    (got[j] - want[j]).abs() <= 1e-6 * mag.max(1.0),
+                    "{isa:?} m={m} n={n} row {j}: {} vs {}",
+                    got[j],
+                    want[j]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_rows_rejects_short_rows_and_handles_no_rows() {
+    for isa in available_isas() {
+        let f = dot_rows_for(isa).unwrap();
+        f(&[1.0; 8], &[], 8, &mut []);
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 2];
+            f(&[1.0; 8], &[0.0; 15], 8, &mut out);
+        });
+        assert!(r.is_err(), "{isa:?}: short rows accepted");
+    }
+}
