@@ -232,53 +232,65 @@ impl CpuBackend {
                 .enumerate()
                 .for_each(convert);
         }
+        // One unit of work: `uh` query heads of one token that share a kv head (their outputs
+        // are contiguous), so each key and value row is read once for all of them. A decode
+        // step with fewer kv heads than threads splits the groups instead, to use every core.
+        let uh = if n == 1 && p.n_head_kv < self.threads {
+            1
+        } else {
+            group
+        };
         let work = |(i, o): (usize, &mut [f32])| {
-            let (t, h) = (i / p.n_head, i % p.n_head);
+            let h0 = i * uh;
+            let (t, kvh) = (h0 / p.n_head, h0 % p.n_head / group);
             let pos = pos0 + t;
-            let kvh = h / group;
             let lo = lo_of(pos);
-            // Keys are f16: the query is rounded to f16 too, as llama.cpp's KQ product does
+            let len = pos + 1 - lo;
+            // Keys are f16: the queries are rounded to f16 too, as llama.cpp's KQ product does
             // (f16 x f16 products are exact in f32, so only the order of the sum differs).
-            let qh: Vec<f32> = q[i * hd..(i + 1) * hd]
+            let qs: Vec<f32> = q[h0 * hd..(h0 + uh) * hd]
                 .iter()
                 .map(|&v| f16::from_f32(v).to_f32())
                 .collect();
             // Key and value rows lo..=pos of this kv head, kv_dim apart.
             let at = (lo - base) * kvd + kvh * hd;
-            let mut scores = vec![0f32; pos + 1 - lo];
-            quant::dot_rows(&qh, &keys[at..], kvd, &mut scores);
-            let mut max = f32::NEG_INFINITY;
-            for s in &mut scores {
-                *s *= p.scale;
-                max = max.max(*s);
+            let mut scores = vec![0f32; uh * len];
+            quant::dot_rows(&qs, uh, &keys[at..], kvd, &mut scores);
+            for head in scores.chunks_exact_mut(len) {
+                let mut max = f32::NEG_INFINITY;
+                for s in head.iter_mut() {
+                    *s *= p.scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in head.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                for s in head.iter_mut() {
+                    // The probabilities meet f16 values, so llama.cpp rounds them to f16 for
+                    // the product; doing the same keeps long contexts in step with the reference.
+                    *s = f16::from_f32(*s * inv).to_f32();
+                }
             }
-            let mut sum = 0f32;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for s in &mut scores {
-                // The probabilities meet f16 values, so llama.cpp rounds them to f16 for the
-                // product; doing the same keeps long contexts in step with the reference.
-                *s = f16::from_f32(*s * inv).to_f32();
-            }
-            quant::weighted_sum(&scores, &values[at..], kvd, o);
+            quant::weighted_sum(&scores, uh, &values[at..], kvd, o);
         };
         // A decode step over a short context is a few microseconds of work: less than waking the
         // other workers costs. Spread it only when there is enough (query, key) pairs.
         let pairs = (out.len() / hd) * (end - base);
-        if pairs >= 8192 && out.len() / hd >= 2 {
+        let unit = uh * hd;
+        if pairs >= 8192 && out.len() / unit >= 2 {
             if n == 1 {
                 // A decode step's other regions run on the spin pool, whose workers may still
                 // be spinning: rayon's would compete with them for the cores.
                 self.spin
-                    .for_each(out.chunks_mut(hd).enumerate().collect(), work);
+                    .for_each(out.chunks_mut(unit).enumerate().collect(), work);
             } else {
-                out.par_chunks_mut(hd).enumerate().for_each(work);
+                out.par_chunks_mut(unit).enumerate().for_each(work);
             }
         } else {
-            out.chunks_mut(hd).enumerate().for_each(work);
+            out.chunks_mut(unit).enumerate().for_each(work);
         }
     }
 }

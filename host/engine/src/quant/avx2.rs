@@ -522,94 +522,32 @@ unsafe fn f16_to_f32_impl(src: *const u8, dst: *mut f32, n: usize) {
     }
 }
 
-fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    scalar::check_weighted_sum(w, rows, stride, out);
-    // SAFETY: handed out only by `weighted_sum_fn` after the feature check, and
-    // `check_weighted_sum` proved that row `j < w.len()` has `out.len()` readable values at
-    // `rows[j * stride..]`.
-    unsafe {
-        weighted_sum_impl(
-            w.as_ptr(),
-            w.len(),
-            rows.as_ptr(),
-            stride,
-            out.as_mut_ptr(),
-            out.len(),
-        )
+fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (n, m) = scalar::check_rows("dot_rows", nq, xs.len(), out.len(), rows, stride);
+    let mut q = 0;
+    while q < nq {
+        let take = (nq - q).min(4);
+        let (x, o) = (xs[q * n..].as_ptr(), out[q * m..].as_mut_ptr());
+        // SAFETY: handed out only by `dot_rows_fn` after the feature check; `check_rows`
+        // proved that every row j < m has n readable values at rows[j * stride..], and queries
+        // q..q + take have n values at xs[q * n..] and m outputs at out[q * m..].
+        unsafe {
+            match take {
+                1 => dot_rows_impl::<1, 4>(x, n, rows.as_ptr(), stride, o, m),
+                2 => dot_rows_impl::<2, 4>(x, n, rows.as_ptr(), stride, o, m),
+                3 => dot_rows_impl::<3, 2>(x, n, rows.as_ptr(), stride, o, m),
+                _ => dot_rows_impl::<4, 2>(x, n, rows.as_ptr(), stride, o, m),
+            }
+        }
+        q += take;
     }
 }
 
-/// Attention's probability-weighted sum of value rows. The output stays in registers across
-/// all rows, 64 columns (8 accumulators) at a time, so each value is loaded once and no partial
-/// sum goes through memory; the products are fused (FMA), which rounds once where the scalar
-/// twin rounds twice.
+/// Attention's query-key scores for `Q` queries that share a key head: `R` rows at a time, so
+/// each 8-wide piece of a key row is loaded once for all `Q` queries and `Q · R` independent
+/// FMA chains keep both FMA ports busy.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum_impl(
-    w: *const f32,
-    nw: usize,
-    rows: *const f32,
-    stride: usize,
-    out: *mut f32,
-    n: usize,
-) {
-    // SAFETY: the caller guarantees nw readable weights, n readable values at rows + j * stride
-    // for every j < nw, and n writable values at out.
-    unsafe {
-        let mut d = 0;
-        while d + 64 <= n {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for j in 0..nw {
-                let wj = _mm256_set1_ps(*w.add(j));
-                let r = rows.add(j * stride + d);
-                for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r.add(8 * k)), *a);
-                }
-            }
-            for (k, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.add(d + 8 * k), *a);
-            }
-            d += 64;
-        }
-        while d + 8 <= n {
-            let mut acc = _mm256_setzero_ps();
-            for j in 0..nw {
-                let v = _mm256_loadu_ps(rows.add(j * stride + d));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(j)), v, acc);
-            }
-            _mm256_storeu_ps(out.add(d), acc);
-            d += 8;
-        }
-        while d < n {
-            let mut acc = 0f32;
-            for j in 0..nw {
-                acc = (*w.add(j)).mul_add(*rows.add(j * stride + d), acc);
-            }
-            *out.add(d) = acc;
-            d += 1;
-        }
-    }
-}
-
-fn dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    scalar::check_dot_rows(x, rows, stride, out);
-    // SAFETY: handed out only by `dot_rows_fn` after the feature check, and `check_dot_rows`
-    // proved that row `j < out.len()` has `x.len()` readable values at `rows[j * stride..]`.
-    unsafe {
-        dot_rows_impl(
-            x.as_ptr(),
-            x.len(),
-            rows.as_ptr(),
-            stride,
-            out.as_mut_ptr(),
-            out.len(),
-        )
-    }
-}
-
-/// Attention's query-key scores: four rows at a time, so that each 8-wide piece of `x` is
-/// loaded once for four independent FMA chains.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_impl(
+unsafe fn dot_rows_impl<const Q: usize, const R: usize>(
     x: *const f32,
     n: usize,
     rows: *const f32,
@@ -617,43 +555,134 @@ unsafe fn dot_rows_impl(
     out: *mut f32,
     m: usize,
 ) {
-    // SAFETY: the caller guarantees n readable values at x and at rows + j * stride for every
-    // j < m, and m writable values at out.
+    // SAFETY: the caller guarantees n readable values at x + q * n for q < Q and at
+    // rows + j * stride for j < m, and m writable values at out + q * m.
     unsafe {
         let n8 = n / 8 * 8;
-        let tail = |j: usize, mut s: f32| {
+        let tail = |q: usize, j: usize, mut s: f32| {
             for d in n8..n {
-                s = (*x.add(d)).mul_add(*rows.add(j * stride + d), s);
+                s = (*x.add(q * n + d)).mul_add(*rows.add(j * stride + d), s);
             }
             s
         };
         let mut j = 0;
-        while j + 4 <= m {
-            let r = [0, 1, 2, 3].map(|k| rows.add((j + k) * stride));
-            let mut acc = [_mm256_setzero_ps(); 4];
+        while j + R <= m {
+            let mut acc = [[_mm256_setzero_ps(); Q]; R];
             let mut d = 0;
             while d < n8 {
-                let xv = _mm256_loadu_ps(x.add(d));
-                for (a, rk) in acc.iter_mut().zip(&r) {
-                    *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rk.add(d)), *a);
+                let xv: [__m256; Q] = std::array::from_fn(|q| _mm256_loadu_ps(x.add(q * n + d)));
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let kv = _mm256_loadu_ps(rows.add((j + r) * stride + d));
+                    for (a, xq) in acc_r.iter_mut().zip(&xv) {
+                        *a = _mm256_fmadd_ps(*xq, kv, *a);
+                    }
                 }
                 d += 8;
             }
-            for (k, a) in acc.iter().enumerate() {
-                *out.add(j + k) = tail(j + k, hsum_ps(*a));
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (q, a) in acc_r.iter().enumerate() {
+                    *out.add(q * m + j + r) = tail(q, j + r, hsum_ps(*a));
+                }
             }
-            j += 4;
+            j += R;
         }
         while j < m {
-            let r = rows.add(j * stride);
-            let mut acc = _mm256_setzero_ps();
+            let mut acc = [_mm256_setzero_ps(); Q];
             let mut d = 0;
             while d < n8 {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(d)), _mm256_loadu_ps(r.add(d)), acc);
+                let kv = _mm256_loadu_ps(rows.add(j * stride + d));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(q * n + d)), kv, *a);
+                }
                 d += 8;
             }
-            *out.add(j) = tail(j, hsum_ps(acc));
+            for (q, a) in acc.iter().enumerate() {
+                *out.add(q * m + j) = tail(q, j, hsum_ps(*a));
+            }
             j += 1;
+        }
+    }
+}
+
+fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (n, m) = scalar::check_rows("weighted_sum", nq, out.len(), ws.len(), rows, stride);
+    let mut q = 0;
+    while q < nq {
+        let take = (nq - q).min(4);
+        let (w, o) = (ws[q * m..].as_ptr(), out[q * n..].as_mut_ptr());
+        // SAFETY: handed out only by `weighted_sum_fn` after the feature check; `check_rows`
+        // proved that every row j < m has n readable values at rows[j * stride..], and queries
+        // q..q + take have m weights at ws[q * m..] and n outputs at out[q * n..].
+        unsafe {
+            match take {
+                1 => weighted_sum_impl::<1, 8>(w, m, rows.as_ptr(), stride, o, n),
+                2 => weighted_sum_impl::<2, 4>(w, m, rows.as_ptr(), stride, o, n),
+                3 => weighted_sum_impl::<3, 2>(w, m, rows.as_ptr(), stride, o, n),
+                _ => weighted_sum_impl::<4, 2>(w, m, rows.as_ptr(), stride, o, n),
+            }
+        }
+        q += take;
+    }
+}
+
+/// Attention's probability-weighted sum of value rows for `Q` queries that share a value head.
+/// The outputs stay in registers across all rows, `8 · C` columns of each query at a time, so
+/// each value is loaded once for all `Q` queries and no partial sum goes through memory; the
+/// products are fused (FMA), which rounds once where the scalar twin rounds twice.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_impl<const Q: usize, const C: usize>(
+    w: *const f32,
+    m: usize,
+    rows: *const f32,
+    stride: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    // SAFETY: the caller guarantees m readable weights at w + q * m for q < Q, n readable
+    // values at rows + j * stride for j < m, and n writable values at out + q * n.
+    unsafe {
+        let mut d = 0;
+        while d + 8 * C <= n {
+            let mut acc = [[_mm256_setzero_ps(); C]; Q];
+            for j in 0..m {
+                let r = rows.add(j * stride + d);
+                let v: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(r.add(8 * c)));
+                for (q, acc_q) in acc.iter_mut().enumerate() {
+                    let wq = _mm256_set1_ps(*w.add(q * m + j));
+                    for (a, vc) in acc_q.iter_mut().zip(&v) {
+                        *a = _mm256_fmadd_ps(wq, *vc, *a);
+                    }
+                }
+            }
+            for (q, acc_q) in acc.iter().enumerate() {
+                for (c, a) in acc_q.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(q * n + d + 8 * c), *a);
+                }
+            }
+            d += 8 * C;
+        }
+        while d + 8 <= n {
+            let mut acc = [_mm256_setzero_ps(); Q];
+            for j in 0..m {
+                let v = _mm256_loadu_ps(rows.add(j * stride + d));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(q * m + j)), v, *a);
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(q * n + d), *a);
+            }
+            d += 8;
+        }
+        while d < n {
+            for q in 0..Q {
+                let mut acc = 0f32;
+                for j in 0..m {
+                    acc = (*w.add(q * m + j)).mul_add(*rows.add(j * stride + d), acc);
+                }
+                *out.add(q * n + d) = acc;
+            }
+            d += 1;
         }
     }
 }

@@ -371,9 +371,9 @@ pub type VecDotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 /// is in bytes; panics unless every row fits in `w` and `act` holds a whole activation row.
 pub type GemvFn = fn(k: usize, w: &[u8], w_stride: usize, act: &[u8], out: &mut [f32]);
 /// See [`dot_rows`].
-pub type DotRowsFn = fn(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
+pub type DotRowsFn = fn(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]);
 /// See [`weighted_sum`].
-pub type WeightedSumFn = fn(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
+pub type WeightedSumFn = fn(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]);
 /// f32 activations → `act_type` bytes (`dst` exactly `act_type.row_bytes(src.len())` long).
 pub type QuantizeActFn = fn(src: &[f32], dst: &mut [u8]);
 /// Tiled matrix product of `rows` weight rows with `cols` activation rows:
@@ -489,18 +489,20 @@ pub fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
     scalar::f16_to_f32_row(src, dst)
 }
 
-/// `out[d] = Σ_j w[j] · rows[j · stride + d]` for every `d < out.len()`, overwriting `out`:
-/// attention's probability-weighted sum of value rows (`rows` in elements, one row per weight,
-/// `stride` apart). The SIMD level fuses each multiply-add, so results differ from the scalar
-/// twin by rounding only. Panics unless `rows` holds every row named.
-pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+/// Attention's probability-weighted sum of value rows for `nq` queries that share a value head:
+/// `out[q · n + d] = Σ_j ws[q · m + j] · rows[j · stride + d]` for every query `q`, column
+/// `d < n = out.len() / nq` and row `j < m = ws.len() / nq`, overwriting `out` (`rows` in
+/// elements, one row per weight, `stride` apart). The SIMD level fuses each multiply-add, so
+/// results differ from the scalar twin by rounding only. Panics unless `nq` divides both slices
+/// and `rows` holds every row named.
+pub fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if detected_isa() >= Isa::Avx2
         && let Some(f) = avx2::weighted_sum_fn()
     {
-        return f(w, rows, stride, out);
+        return f(ws, nq, rows, stride, out);
     }
-    scalar::weighted_sum(w, rows, stride, out)
+    scalar::weighted_sum(ws, nq, rows, stride, out)
 }
 
 /// [`weighted_sum`] at exactly level `isa`; `None` if this CPU cannot run it (for tests and
@@ -516,18 +518,19 @@ pub fn weighted_sum_for(isa: Isa) -> Option<WeightedSumFn> {
     Some(scalar::weighted_sum)
 }
 
-/// `out[j] = Σ_d x[d] · rows[j · stride + d]` for every `j < out.len()`: attention's
-/// query-key scores over f32 key rows `stride` apart (`d < x.len()`). The SIMD level fuses the
-/// multiply-adds and sums in another order, so results differ from the scalar twin by rounding
-/// only. Panics unless `rows` holds every row named.
-pub fn dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+/// Attention's query-key scores for `nq` queries that share a key head:
+/// `out[q · m + j] = Σ_d xs[q · n + d] · rows[j · stride + d]` for every query `q`, row
+/// `j < m = out.len() / nq` and `d < n = xs.len() / nq` (key rows `stride` apart). The SIMD
+/// level fuses the multiply-adds and sums in another order, so results differ from the scalar
+/// twin by rounding only. Panics unless `nq` divides both slices and `rows` holds every row named.
+pub fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if detected_isa() >= Isa::Avx2
         && let Some(f) = avx2::dot_rows_fn()
     {
-        return f(x, rows, stride, out);
+        return f(xs, nq, rows, stride, out);
     }
-    scalar::dot_rows(x, rows, stride, out)
+    scalar::dot_rows(xs, nq, rows, stride, out)
 }
 
 /// [`dot_rows`] at exactly level `isa`; `None` if this CPU cannot run it.

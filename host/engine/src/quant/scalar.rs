@@ -176,58 +176,68 @@ pub(crate) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Checks a weighted-sum call (see [`weighted_sum`](crate::quant::weighted_sum)).
-pub(crate) fn check_weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &[f32]) {
-    if let Some(last) = w.len().checked_sub(1) {
+/// Checks a call of [`dot_rows`](crate::quant::dot_rows) or
+/// [`weighted_sum`](crate::quant::weighted_sum) and returns (row length, rows): `rows` must hold
+/// `nrows` rows of `len` values `stride` apart, and `nq` must divide both per-query slices.
+pub(crate) fn check_rows(
+    what: &str,
+    nq: usize,
+    len_total: usize,
+    nrows_total: usize,
+    rows: &[f32],
+    stride: usize,
+) -> (usize, usize) {
+    assert!(nq > 0, "{what}: no queries");
+    assert!(
+        len_total.is_multiple_of(nq) && nrows_total.is_multiple_of(nq),
+        "{what}: {len_total} and {nrows_total} values do not split into {nq} queries"
+    );
+    let (len, nrows) = (len_total / nq, nrows_total / nq);
+    if let Some(last) = nrows.checked_sub(1) {
         let need = last
             .checked_mul(stride)
-            .and_then(|v| v.checked_add(out.len()))
-            .expect("weighted_sum: size overflows");
+            .and_then(|v| v.checked_add(len))
+            .unwrap_or_else(|| panic!("{what}: size overflows"));
         assert!(
             rows.len() >= need,
-            "weighted_sum: {} rows of {} at stride {stride} need {need} values, got {}",
-            w.len(),
-            out.len(),
+            "{what}: {nrows} rows of {len} at stride {stride} need {need} values, got {}",
             rows.len()
         );
     }
+    (len, nrows)
 }
 
-/// `out[d] = Σ_j w[j] · rows[j · stride + d]`, each term added in order of `j`.
-pub(crate) fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    check_weighted_sum(w, rows, stride, out);
-    out.fill(0.0);
-    for (j, &wj) in w.iter().enumerate() {
-        let row = &rows[j * stride..j * stride + out.len()];
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += wj * v;
+/// `out[q · m + j] = Σ_d xs[q · n + d] · rows[j · stride + d]`, each sum taken in order of `d`.
+pub(crate) fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (n, m) = check_rows("dot_rows", nq, xs.len(), out.len(), rows, stride);
+    for (x, out) in xs
+        .chunks_exact(n.max(1))
+        .zip(out.chunks_exact_mut(m.max(1)))
+    {
+        for (j, o) in out.iter_mut().enumerate() {
+            let row = &rows[j * stride..j * stride + n];
+            *o = x.iter().zip(row).fold(0.0, |acc, (a, b)| acc + a * b);
         }
     }
-}
-
-/// Checks a dot-rows call (see [`dot_rows`](crate::quant::dot_rows)).
-pub(crate) fn check_dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &[f32]) {
-    if let Some(last) = out.len().checked_sub(1) {
-        let need = last
-            .checked_mul(stride)
-            .and_then(|v| v.checked_add(x.len()))
-            .expect("dot_rows: size overflows");
-        assert!(
-            rows.len() >= need,
-            "dot_rows: {} rows of {} at stride {stride} need {need} values, got {}",
-            out.len(),
-            x.len(),
-            rows.len()
-        );
+    if n == 0 {
+        out.fill(0.0);
     }
 }
 
-/// `out[j] = Σ_d x[d] · rows[j · stride + d]`, each sum taken in order of `d`.
-pub(crate) fn dot_rows(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    check_dot_rows(x, rows, stride, out);
-    for (j, o) in out.iter_mut().enumerate() {
-        let row = &rows[j * stride..j * stride + x.len()];
-        *o = x.iter().zip(row).fold(0.0, |acc, (a, b)| acc + a * b);
+/// `out[q · n + d] = Σ_j ws[q · m + j] · rows[j · stride + d]`, each term added in order of `j`.
+pub(crate) fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (n, m) = check_rows("weighted_sum", nq, out.len(), ws.len(), rows, stride);
+    out.fill(0.0);
+    for (w, out) in ws
+        .chunks_exact(m.max(1))
+        .zip(out.chunks_exact_mut(n.max(1)))
+    {
+        for (j, &wj) in w.iter().enumerate() {
+            let row = &rows[j * stride..j * stride + n];
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += wj * v;
+            }
+        }
     }
 }
 

@@ -982,108 +982,149 @@ fn gemv_rejects_short_slices() {
     }
 }
 
+/// Relative tolerance of a SIMD sum against the scalar twin: FMA and another summation order
+/// change only the rounding, bounded by a few ulps of the sum of magnitudes.
+fn assert_sum_close(got: f32, want: f32, mag: f32, what: &str) {
+    assert!(
+        (got - want).abs() <= 1e-6 * mag.max(1.0),
+        "{what}: {got} vs {want}"
+    );
+}
+
 #[test]
 fn weighted_sum_simd_matches_scalar() {
     let mut rng = SmallRng::seed_from_u64(77);
-    // Widths that exercise the 64-wide blocks, the 8-wide blocks and the scalar tail; strides
-    // equal to and wider than the row, as attention's values use them (kv_dim ≥ head_dim).
-    for (nw, n, extra) in [
+    // Query counts 1-6 (the kernels take up to four at a time); widths that exercise the
+    // register blocks, the 8-wide blocks and the scalar tail; strides equal to and wider than
+    // the row, as attention's values use them (kv_dim >= head_dim).
+    let shapes: [(usize, usize, usize); 6] = [
         (1, 64, 0),
         (7, 256, 0),
         (37, 256, 768),
         (5, 130, 3),
         (3, 5, 1),
-    ] {
-        let stride = n + extra;
-        let w: Vec<f32> = (0..nw).map(|_| rng.random::<f32>()).collect();
-        let rows = gaussianish((nw - 1) * stride + n, &mut rng);
-        let mut want = vec![f32::NAN; n];
-        weighted_sum_for(Isa::Scalar).unwrap()(&w, &rows, stride, &mut want);
-        for d in 0..n {
-            let exact: f64 = (0..nw)
-                .map(|j| w[j] as f64 * rows[j * stride + d] as f64)
-                .sum();
-            assert!((want[d] as f64 - exact).abs() < 1e-5, "scalar column {d}");
-        }
-        for isa in available_isas() {
-            let mut got = vec![f32::NAN; n];
-            weighted_sum_for(isa).unwrap()(&w, &rows, stride, &mut got);
-            for d in 0..n {
-                let mag: f32 = (0..nw).map(|j| (w[j] * rows[j * stride + d]).abs()).sum();
-                assert!(
-                    (got[d] - want[d]).abs() <= 1e-6 * mag.max(1.0),
-                    "{isa:?} nw={nw} n={n} col {d}: {} vs {}",
-                    got[d],
-                    want[d]
-                );
+        (0, 16, 0),
+    ];
+    for nq in 1..=6 {
+        for (m, n, extra) in shapes {
+            let stride = n + extra;
+            let ws: Vec<f32> = (0..nq * m).map(|_| rng.random::<f32>()).collect();
+            let rows = gaussianish(m.saturating_sub(1) * stride + n, &mut rng);
+            let mut want = vec![f32::NAN; nq * n];
+            weighted_sum_for(Isa::Scalar).unwrap()(&ws, nq, &rows, stride, &mut want);
+            for q in 0..nq {
+                for d in 0..n {
+                    let exact: f64 = (0..m)
+                        .map(|j| ws[q * m + j] as f64 * rows[j * stride + d] as f64)
+                        .sum();
+                    assert!(
+                        (want[q * n + d] as f64 - exact).abs() < 1e-5,
+                        "scalar {q} {d}"
+                    );
+                }
+            }
+            for isa in available_isas() {
+                let mut got = vec![f32::NAN; nq * n];
+                weighted_sum_for(isa).unwrap()(&ws, nq, &rows, stride, &mut got);
+                for q in 0..nq {
+                    for d in 0..n {
+                        let mag: f32 = (0..m)
+                            .map(|j| (ws[q * m + j] * rows[j * stride + d]).abs())
+                            .sum();
+                        let what = format!("{isa:?} nq={nq} m={m} n={n} q={q} col {d}");
+                        assert_sum_close(got[q * n + d], want[q * n + d], mag, &what);
+                    }
+                }
             }
         }
     }
 }
 
 #[test]
-fn weighted_sum_rejects_short_rows_and_handles_no_rows() {
+fn weighted_sum_rejects_bad_shapes() {
     for isa in available_isas() {
         let f = weighted_sum_for(isa).unwrap();
-        let mut out = vec![1f32; 8];
-        f(&[], &[], 8, &mut out);
-        assert_eq!(out, [0.0; 8], "{isa:?}: no rows sums to zero");
-        let r = std::panic::catch_unwind(|| {
-            let mut out = vec![0f32; 8];
-            f(&[1.0, 1.0], &[0.0; 15], 8, &mut out);
-        });
-        assert!(r.is_err(), "{isa:?}: short rows accepted");
+        for (ws, nq, rows, out) in [
+            (vec![1.0; 2], 1, 15, 8), // two rows of 8 at stride 8 need 16 values
+            (vec![1.0; 3], 2, 64, 8), // 3 weights do not split into 2 queries
+            (vec![1.0; 2], 2, 64, 7), // nor do 7 outputs
+            (vec![1.0; 2], 0, 64, 8), // no queries
+        ] {
+            let r = std::panic::catch_unwind(|| {
+                let mut out = vec![0f32; out];
+                f(&ws, nq, &vec![0.0; rows], 8, &mut out);
+            });
+            assert!(r.is_err(), "{isa:?}: bad shape accepted");
+        }
     }
 }
 
 #[test]
 fn dot_rows_simd_matches_scalar() {
     let mut rng = SmallRng::seed_from_u64(78);
-    // Row counts that exercise the 4-row blocks and the single-row tail; lengths with and
-    // without a scalar tail; strides equal to and wider than the row.
-    for (m, n, extra) in [
+    // Query counts 1-6; row counts that exercise the row blocks and the single-row tail;
+    // lengths with and without a scalar tail; strides equal to and wider than the row.
+    let shapes: [(usize, usize, usize); 6] = [
         (1, 8, 0),
         (4, 256, 0),
         (37, 256, 768),
         (6, 130, 3),
         (3, 5, 1),
-    ] {
-        let stride = n + extra;
-        let x = gaussianish(n, &mut rng);
-        let rows = gaussianish((m - 1) * stride + n, &mut rng);
-        let mut want = vec![f32::NAN; m];
-        dot_rows_for(Isa::Scalar).unwrap()(&x, &rows, stride, &mut want);
-        for j in 0..m {
-            let exact: f64 = (0..n)
-                .map(|d| x[d] as f64 * rows[j * stride + d] as f64)
-                .sum();
-            assert!((want[j] as f64 - exact).abs() < 1e-4, "scalar row {j}");
-        }
-        for isa in available_isas() {
-            let mut got = vec![f32::NAN; m];
-            dot_rows_for(isa).unwrap()(&x, &rows, stride, &mut got);
-            for j in 0..m {
-                let mag: f32 = (0..n).map(|d| (x[d] * rows[j * stride + d]).abs()).sum();
-                assert!(
-                    (got[j] - want[j]).abs() <= 1e-6 * mag.max(1.0),
-                    "{isa:?} m={m} n={n} row {j}: {} vs {}",
-                    got[j],
-                    want[j]
-                );
+        (0, 8, 0),
+    ];
+    for nq in 1..=6 {
+        for (m, n, extra) in shapes {
+            let stride = n + extra;
+            let xs = gaussianish(nq * n, &mut rng);
+            let rows = gaussianish(m.saturating_sub(1) * stride + n, &mut rng);
+            let mut want = vec![f32::NAN; nq * m];
+            dot_rows_for(Isa::Scalar).unwrap()(&xs, nq, &rows, stride, &mut want);
+            for q in 0..nq {
+                for j in 0..m {
+                    let exact: f64 = (0..n)
+                        .map(|d| xs[q * n + d] as f64 * rows[j * stride + d] as f64)
+                        .sum();
+                    assert!(
+                        (want[q * m + j] as f64 - exact).abs() < 1e-4,
+                        "scalar {q} {j}"
+                    );
+                }
+            }
+            for isa in available_isas() {
+                let mut got = vec![f32::NAN; nq * m];
+                dot_rows_for(isa).unwrap()(&xs, nq, &rows, stride, &mut got);
+                for q in 0..nq {
+                    for j in 0..m {
+                        let mag: f32 = (0..n)
+                            .map(|d| (xs[q * n + d] * rows[j * stride + d]).abs())
+                            .sum();
+                        let what = format!("{isa:?} nq={nq} m={m} n={n} q={q} row {j}");
+                        assert_sum_close(got[q * m + j], want[q * m + j], mag, &what);
+                    }
+                }
             }
         }
     }
 }
 
 #[test]
-fn dot_rows_rejects_short_rows_and_handles_no_rows() {
+fn dot_rows_rejects_bad_shapes() {
     for isa in available_isas() {
         let f = dot_rows_for(isa).unwrap();
-        f(&[1.0; 8], &[], 8, &mut []);
-        let r = std::panic::catch_unwind(|| {
-            let mut out = vec![0f32; 2];
-            f(&[1.0; 8], &[0.0; 15], 8, &mut out);
-        });
-        assert!(r.is_err(), "{isa:?}: short rows accepted");
+        for (xs, nq, rows, out) in [
+            (8, 1, 15, 2),  // two rows of 8 at stride 8 need 16 values
+            (12, 2, 64, 3), // 3 outputs do not split into 2 queries
+            (9, 2, 64, 2),  // nor do 9 query values
+            (8, 0, 64, 2),  // no queries
+        ] {
+            let r = std::panic::catch_unwind(|| {
+                let mut out = vec![0f32; out];
+                f(&vec![1.0; xs], nq, &vec![0.0; rows], 8, &mut out);
+            });
+            assert!(
+                r.is_err(),
+                "{isa:?}: xs={xs} nq={nq} rows={rows} out={out} accepted"
+            );
+        }
     }
 }
