@@ -15,6 +15,9 @@ use crate::quant;
 /// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
 /// task's weight rows stream past them.
 const TOKEN_BLOCK: usize = 64;
+/// Key and value elements (each) above which a decode step converts the cache to f32 on all
+/// threads rather than on the calling one (about 10 µs of work per thread at the threshold).
+pub(crate) const LONG_DECODE_CONVERT: usize = 1 << 16;
 /// Weight rows per kernel call in a matrix-matrix product.
 const ROW_BLOCK: usize = 256;
 /// How long the spin pool's workers keep polling after a region: longer than the gaps between
@@ -226,6 +229,20 @@ impl CpuBackend {
                 .zip(values.par_chunks_mut(kvd))
                 .enumerate()
                 .for_each(convert);
+        } else if (end - base) * kvd >= LONG_DECODE_CONVERT {
+            // A decode step over a long context: the conversion outweighs the hand-off, so it is
+            // spread over the spin pool (rayon's workers would compete with its spinning ones).
+            let per = (end - base).div_ceil(4 * self.threads);
+            let tasks: Vec<_> = keys
+                .chunks_mut(per * kvd)
+                .zip(values.chunks_mut(per * kvd))
+                .enumerate()
+                .collect();
+            self.spin.for_each(tasks, |(c, (k, v))| {
+                for (i, kv) in k.chunks_mut(kvd).zip(v.chunks_mut(kvd)).enumerate() {
+                    convert((c * per + i, kv));
+                }
+            });
         } else {
             keys.chunks_mut(kvd)
                 .zip(values.chunks_mut(kvd))

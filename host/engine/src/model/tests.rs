@@ -167,6 +167,26 @@ fn prefill_in_one_batch_equals_token_by_token() {
 }
 
 #[test]
+fn decode_over_a_long_context_equals_the_batch() {
+    // Long enough that each decode step converts its cache on every thread
+    // (backend::cpu::LONG_DECODE_CONVERT), and tiny-llama's 2 kv heads of 2 query heads each
+    // go through the grouped attention kernels.
+    let m = tiny_llama();
+    let kvd = m.hparams.n_head_kv * m.hparams.head_dim;
+    let n = crate::backend::cpu::LONG_DECODE_CONVERT / kvd + 8;
+    let toks: Vec<u32> = (0..n as u32).map(|i| 1 + (i * 7919) % 3000).collect();
+    let mut batch = Session::new(&m, n);
+    let all = batch.feed_all_logits(&toks).unwrap();
+    let mut steps = Session::new(&m, n);
+    steps.feed(&toks[..n - 8]).unwrap();
+    let v = m.hparams.n_vocab;
+    for i in n - 8..n {
+        let l = steps.feed(&toks[i..=i]).unwrap();
+        assert_close(&l, &all[i * v..(i + 1) * v], &format!("position {i}"));
+    }
+}
+
+#[test]
 fn truncate_then_refeed_reproduces_logits() {
     let m = tiny_llama();
     let toks: Vec<u32> = vec![1, 450, 382, 2593, 295];
