@@ -313,7 +313,11 @@ pub fn router(state: Shared) -> Router {
                     .unwrap_or("");
                 tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path(), tenant = tracing::field::Empty)
             })
-            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
+            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO))
+            // tower-http calls every 5xx a failure; most of ours are expected states (503 while
+            // models load or during shutdown, 504 timeouts), and internal errors are already
+            // logged at ERROR with their cause where they happen (error.rs).
+            .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
