@@ -1,6 +1,7 @@
 //! `realm bench`: prefill and decode throughput (median of several runs) and peak RSS, measured
-//! the way llama-bench does: `pp` evaluates a prompt of N tokens in one batch from an empty
-//! cache, `tg` generates M tokens one at a time from an empty cache.
+//! the way llama-bench does: `pp` evaluates a prompt of N tokens in one batch, `tg` generates M
+//! tokens one at a time, both from an empty cache or, with `--depth D` (llama-bench's `-d`),
+//! from a cache already holding D tokens (filled before the clock starts).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,6 +21,10 @@ pub struct Args {
     /// Tokens to generate in the decode test (0 skips it).
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Tokens already in the cache when each test starts (filled untimed; llama-bench's
+    /// `--n-depth`): measures prefill and decode over a long context.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// Worker threads (0 = physical cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -67,7 +72,13 @@ pub fn run(a: Args) -> Result<()> {
         return crate::tenants_bench::child(&a.model, n, a.gen_tokens, a.threads);
     }
     if let Some(n) = a.tenants {
+        if a.depth > 0 {
+            anyhow::bail!("--depth applies to the single-sequence pp/tg tests, not to --tenants");
+        }
         return crate::tenants_bench::run(&a.model, n.max(1), a.gen_tokens, a.threads, a.json);
+    }
+    if a.depth > 0 && !a.concurrency.is_empty() {
+        anyhow::bail!("--depth applies to the single-sequence pp/tg tests, not to --concurrency");
     }
     let t0 = Instant::now();
     let model = Model::load(&a.model, &LoadOptions { threads: a.threads })
@@ -78,16 +89,36 @@ pub fn run(a: Args) -> Result<()> {
     }
     let hp = &model.hparams;
     let n_vocab = hp.n_vocab as u32;
-    // A deterministic pseudo-random prompt, away from special tokens at the start of the vocab.
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
-        .map(|i| 1000 + (i.wrapping_mul(2_654_435_761) % (n_vocab - 1000).max(1)))
-        .collect();
-    let mut session = Session::new(&model, a.prompt_tokens.max(a.gen_tokens + 1));
+    // Deterministic pseudo-random tokens, away from special tokens at the start of the vocab:
+    // the context the tests start from, then the prompt.
+    let pseudo = |i: u32| 1000 + (i.wrapping_mul(2_654_435_761) % (n_vocab - 1000).max(1));
+    let context: Vec<u32> = (0..a.depth as u32).map(|i| pseudo(i + 1_000_000)).collect();
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u32).map(pseudo).collect();
+    let need = a.depth + a.prompt_tokens.max(a.gen_tokens + 1);
+    if need > hp.n_ctx_train {
+        anyhow::bail!(
+            "--depth {} with {} prompt / {} generated tokens needs {need} positions; the model's \
+             context is {}",
+            a.depth,
+            a.prompt_tokens,
+            a.gen_tokens,
+            hp.n_ctx_train
+        );
+    }
+    let mut session = Session::new(&model, need);
+    // Back to the state each test starts from: the cache holds `context`, nothing else.
+    let start = |session: &mut Session| -> Result<()> {
+        session.reset();
+        if !context.is_empty() {
+            session.feed(&context)?;
+        }
+        Ok(())
+    };
 
     let mut pp = Vec::new();
     if a.prompt_tokens > 0 {
         for run in 0..=a.runs {
-            session.reset();
+            start(&mut session)?;
             let t = Instant::now();
             session.feed(&prompt)?;
             if run > 0 {
@@ -98,7 +129,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut tg = Vec::new();
     if a.gen_tokens > 0 {
         for run in 0..=a.runs {
-            session.reset();
+            start(&mut session)?;
             let mut tok = prompt.first().copied().unwrap_or(1000);
             let t = Instant::now();
             for _ in 0..a.gen_tokens {
@@ -123,6 +154,7 @@ pub fn run(a: Args) -> Result<()> {
                 "load_s": load_s,
                 "prompt_tokens": a.prompt_tokens,
                 "gen_tokens": a.gen_tokens,
+                "depth": a.depth,
                 "runs": a.runs,
                 "prefill_tok_s": pp_med,
                 "decode_tok_s": tg_med,
@@ -139,11 +171,19 @@ pub fn run(a: Args) -> Result<()> {
             model.threads(),
             load_s
         );
+        // llama-bench's labels: "pp512", or "pp512 @ d4096" from a filled cache.
+        let at = if a.depth > 0 {
+            format!(" @ d{}", a.depth)
+        } else {
+            String::new()
+        };
         if a.prompt_tokens > 0 {
-            println!("pp{:<5} {:>10.1} tokens/s", a.prompt_tokens, pp_med);
+            let test = format!("pp{}{at}", a.prompt_tokens);
+            println!("{test:<12} {pp_med:>10.1} tokens/s");
         }
         if a.gen_tokens > 0 {
-            println!("tg{:<5} {:>10.1} tokens/s", a.gen_tokens, tg_med);
+            let test = format!("tg{}{at}", a.gen_tokens);
+            println!("{test:<12} {tg_med:>10.1} tokens/s");
         }
         println!(
             "peak RSS {:.1} MiB ({:.2}x the {:.1} MiB file)",
