@@ -43,28 +43,20 @@ fn json_report_has_rates_and_memory() {
 
 #[test]
 fn depth_starts_from_a_filled_cache() {
-    let r = json(&[
+    let args = [
         "--prompt-tokens",
         "8",
         "--gen-tokens",
         "4",
         "--depth",
         "300",
-        "--json",
-    ]);
+    ];
+    let r = json(&[&args[..], &["--json"]].concat());
     assert_eq!(r["depth"], 300);
     assert!(r["prefill_tok_s"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{r}");
     // The table labels the tests the way llama-bench does.
-    let out = bench(&[
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "4",
-        "--depth",
-        "300",
-    ]);
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = String::from_utf8(bench(&args).stdout).unwrap();
     assert!(text.contains("pp8 @ d300"), "{text}");
     assert!(text.contains("tg4 @ d300"), "{text}");
 }
