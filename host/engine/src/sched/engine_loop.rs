@@ -536,8 +536,11 @@ impl EngineLoop {
         self.stats.prefix_hit_tokens += hit as u64;
     }
 
-    /// Chooses this step's work: one token of every decoding sequence, then prompt chunks, each
-    /// shared round-robin between tenants (a tenant gets `weight` picks per round).
+    /// Chooses this step's work. The pass's token budget is split between the tenants with
+    /// work by weight, max-min fair (what one tenant cannot use goes to the others), so a tenant
+    /// with many streams or a huge prompt gets its share of every step and no more. Within a
+    /// tenant, one token of each decoding sequence comes first, then prompt chunks, its
+    /// sequences taken round-robin; all held to the tenant's tokens-per-minute allowance.
     fn choose(&mut self) -> Vec<Pick> {
         let now = Instant::now();
         let mut by_tenant: HashMap<Arc<str>, (Vec<u64>, Vec<u64>)> = HashMap::new();
@@ -558,86 +561,131 @@ impl EngineLoop {
         names.rotate_left(start);
         self.rr = self.rr.wrapping_add(1);
 
-        let mut allowance: HashMap<Arc<str>, usize> = HashMap::new();
+        let budget = self.cfg.max_batch_tokens.max(1);
+        let decoding = by_tenant.values().any(|(d, _)| !d.is_empty());
+        // While anyone decodes, a prompt advances one chunk per pass, so that it delays their
+        // next token by a chunk, not the whole prompt; otherwise it may fill its share.
+        let chunk_cap = if decoding {
+            self.cfg.prefill_chunk.max(1)
+        } else {
+            budget
+        };
+
+        // Each tenant's candidate picks in its order, sized as if the budget were unlimited.
+        let mut wants: Vec<Vec<Pick>> = Vec::with_capacity(names.len());
+        let mut weights: Vec<usize> = Vec::with_capacity(names.len());
         for name in &names {
             let t = self.tenants.get_mut(name).expect("tenant of a sequence");
             t.refill(now);
-            allowance.insert(name.clone(), t.allowance());
+            let mut allow = t.allowance();
+            weights.push(t.limits.weight.max(1) as usize);
             // Rotate within the tenant too, so its own streams share fairly.
             let cursor = t.cursor;
             t.cursor = t.cursor.wrapping_add(1);
             let (d, p) = by_tenant.get_mut(name).expect("listed");
-            for v in [d, p] {
+            let mut cands = Vec::new();
+            for (v, cap) in [(d, 1), (p, chunk_cap)] {
                 v.sort_unstable();
                 if !v.is_empty() {
                     let k = cursor % v.len();
                     v.rotate_left(k);
                 }
+                for &id in v.iter() {
+                    if allow == 0 {
+                        break;
+                    }
+                    let seq = &self.seqs[&id];
+                    let n = seq.work().min(cap).min(budget);
+                    // Recomputing a preempted sequence is not charged to its allowance.
+                    let recompute = seq.hist.len() - seq.cache.len();
+                    let n = if n.saturating_sub(recompute) > allow {
+                        recompute + allow
+                    } else {
+                        n
+                    };
+                    if n == 0 {
+                        continue;
+                    }
+                    allow -= n.saturating_sub(recompute).min(allow);
+                    cands.push(Pick { id, n });
+                }
             }
+            wants.push(cands);
         }
 
-        let mut budget = self.cfg.max_batch_tokens.max(1);
-        let mut picks = Vec::new();
-        let decoding = by_tenant.values().any(|(d, _)| !d.is_empty());
-        for pass in 0..2 {
-            let chunk_cap = if pass == 0 {
-                1
-            } else if decoding || !picks.is_empty() {
-                self.cfg.prefill_chunk.max(1)
-            } else {
-                budget
-            };
-            let mut queues: Vec<(Arc<str>, VecDeque<u64>)> = names
-                .iter()
-                .map(|n| {
-                    let (d, p) = &by_tenant[n];
-                    let v = if pass == 0 { d } else { p };
-                    (n.clone(), v.iter().copied().collect())
-                })
-                .collect();
-            'rounds: while budget > 0 && queues.iter().any(|(_, q)| !q.is_empty()) {
-                for (name, q) in queues.iter_mut() {
-                    let weight = self.tenants[name].limits.weight.max(1);
-                    for _ in 0..weight {
-                        if budget == 0 {
-                            break 'rounds;
-                        }
-                        let allow = allowance.get_mut(name).expect("listed");
-                        if *allow == 0 {
-                            q.clear();
-                            break;
-                        }
-                        let Some(id) = q.pop_front() else { break };
-                        let seq = &self.seqs[&id];
-                        let n = seq.work().min(chunk_cap).min(budget);
-                        let recompute = seq.hist.len() - seq.cache.len();
-                        let charged = n.saturating_sub(recompute);
-                        let n = if charged > *allow {
-                            recompute + *allow
-                        } else {
-                            n
-                        };
-                        if n == 0 {
-                            continue;
-                        }
-                        *allow -= n.saturating_sub(recompute).min(*allow);
-                        budget -= n;
-                        picks.push(Pick { id, n });
-                    }
+        let demand: Vec<usize> = wants
+            .iter()
+            .map(|c| c.iter().map(|p| p.n).fold(0, usize::saturating_add))
+            .collect();
+        let grant = fair_split(budget, &demand, &weights);
+
+        // Decodes of every tenant first (the reservation order), then prompt chunks.
+        let mut decodes = Vec::new();
+        let mut prompts = Vec::new();
+        for (cands, mut left) in wants.into_iter().zip(grant) {
+            for Pick { id, n } in cands {
+                if left == 0 {
+                    break;
+                }
+                let n = n.min(left);
+                left -= n;
+                if self.seqs[&id].work() == 1 {
+                    decodes.push(Pick { id, n });
+                } else {
+                    prompts.push(Pick { id, n });
                 }
             }
         }
-        picks
+        decodes.extend(prompts);
+        decodes
+    }
+
+    /// Pages each tenant with work or pages is entitled to: the pool split by weight between
+    /// them. A tenant alone is entitled to the whole pool.
+    fn fair_shares(&self) -> HashMap<Arc<str>, usize> {
+        let mut weight: HashMap<Arc<str>, usize> = HashMap::new();
+        for s in self.seqs.values() {
+            if s.work() > 0 || !s.cache.pages().is_empty() {
+                let w = self.tenants[&s.tenant].limits.weight.max(1) as usize;
+                weight.insert(s.tenant.clone(), w);
+            }
+        }
+        let total = self.pool.layout().n_pages;
+        let sum: usize = weight.values().sum::<usize>().max(1);
+        weight
+            .into_iter()
+            .map(|(t, w)| (t, (total * w / sum).max(1)))
+            .collect()
     }
 
     /// Finds KV pages for the chosen work: free pages, then cached prefixes nobody uses, then
-    /// the youngest sequences outside the batch. Work that still doesn't fit waits.
-    fn reserve(&mut self, picks: Vec<Pick>) -> Vec<Pick> {
+    /// other sequences' pages. Every active tenant is entitled to its fair share of the pool
+    /// ([`Self::fair_shares`]): a tenant within its share takes pages from tenants above theirs
+    /// (the one furthest above first, its youngest sequence first); beyond its share a tenant
+    /// uses free pages and its own younger or idle sequences only, so it can never preempt a
+    /// tenant that stays within its share. Picks are reserved for the tenants furthest below
+    /// their share first. Work that still doesn't fit waits.
+    fn reserve(&mut self, mut picks: Vec<Pick>) -> Vec<Pick> {
+        let shares = self.fair_shares();
+        let mut held: HashMap<Arc<str>, usize> = HashMap::new();
+        for s in self.seqs.values() {
+            *held.entry(s.tenant.clone()).or_default() += s.cache.pages().len();
+        }
+        let excess = |held: &HashMap<Arc<str>, usize>, t: &Arc<str>| {
+            held.get(t).copied().unwrap_or(0) as i64 - shares.get(t).copied().unwrap_or(0) as i64
+        };
+        let in_step: Vec<u64> = picks.iter().map(|p| p.id).collect();
+        picks.sort_by_key(|p| excess(&held, &self.seqs[&p.id].tenant));
+        let mut preempted_now: Vec<u64> = Vec::new();
         let mut kept: Vec<Pick> = Vec::with_capacity(picks.len());
-        for pick in picks {
+        for mut pick in picks {
+            if preempted_now.contains(&pick.id) {
+                // Its pages just went to another tenant: it recomputes in a later step.
+                continue;
+            }
             let seq = &self.seqs[&pick.id];
             let tenant = seq.tenant.clone();
-            let need = self.pool.pages_needed(&seq.cache, pick.n);
+            let mut need = self.pool.pages_needed(&seq.cache, pick.n);
             if let Some(limit) = self.tenants[&tenant].limits.max_kv_pages {
                 let held = self.pages_of(&tenant);
                 if held + need > limit {
@@ -658,16 +706,62 @@ impl EngineLoop {
                 let short = need - self.pool.free_pages();
                 self.prefix.evict(&mut self.pool, short);
             }
+            let share = shares.get(&tenant).copied().unwrap_or(0);
+            let mine = held.get(&tenant).copied().unwrap_or(0);
+            if need > self.pool.free_pages() && mine < share && mine + need > share {
+                // Taking pages from others is allowed up to the share: a chunk that would
+                // cross it shrinks to what fits.
+                let room = (share - mine).max(self.pool.free_pages());
+                let cache = &self.seqs[&pick.id].cache;
+                let (mut lo, mut hi) = (0, pick.n);
+                while lo < hi {
+                    let mid = (lo + hi).div_ceil(2);
+                    if self.pool.pages_needed(cache, mid) <= room {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                if lo > 0 {
+                    pick.n = lo;
+                    need = self.pool.pages_needed(cache, lo);
+                }
+            }
             while need > self.pool.free_pages() {
-                let busy: Vec<u64> = kept.iter().map(|p| p.id).chain([pick.id]).collect();
+                let mine = held.get(&tenant).copied().unwrap_or(0);
+                let may_take = mine + need <= share;
+                // Within its tenant a sequence takes pages from younger or idle sequences
+                // only: the oldest working one can always proceed, and two sequences cannot
+                // take each other's pages in turn forever.
+                let born = self.seqs[&pick.id].born;
                 let victim = self
                     .seqs
                     .iter()
-                    .filter(|(id, s)| !busy.contains(id) && !s.cache.pages().is_empty())
-                    .max_by_key(|(_, s)| s.born)
-                    .map(|(&id, _)| id);
-                let Some(victim) = victim else { break };
+                    .filter(|(id, s)| {
+                        **id != pick.id
+                            && !s.cache.pages().is_empty()
+                            && !kept.iter().any(|k| k.id == **id)
+                            && if s.tenant == tenant {
+                                s.born > born || s.work() == 0
+                            } else {
+                                may_take && excess(&held, &s.tenant) > 0
+                            }
+                    })
+                    .max_by_key(|(id, s)| {
+                        (
+                            s.tenant != tenant,
+                            excess(&held, &s.tenant),
+                            !in_step.contains(id),
+                            s.born,
+                        )
+                    })
+                    .map(|(&id, s)| (id, s.tenant.clone(), s.cache.pages().len()));
+                let Some((victim, owner, pages)) = victim else {
+                    break;
+                };
                 self.preempt(victim);
+                preempted_now.push(victim);
+                *held.get_mut(&owner).expect("counted") -= pages;
                 let short = need.saturating_sub(self.pool.free_pages());
                 self.prefix.evict(&mut self.pool, short);
             }
@@ -688,13 +782,14 @@ impl EngineLoop {
                         },
                     );
                 }
-                // Otherwise it waits for pages that the batch's sequences will free later.
+                // Otherwise it waits for pages that others will free or owe it later.
                 continue;
             }
             let seq = self.seqs.get_mut(&pick.id).expect("picked");
             self.pool
                 .reserve(&mut seq.cache, pick.n)
                 .expect("pages were counted");
+            *held.entry(tenant).or_default() += need;
             kept.push(pick);
         }
         kept
@@ -866,5 +961,35 @@ impl EngineLoop {
         }
         self.stats.tenants = tenants;
         *self.shared_stats.lock().expect("stats lock") = self.stats.clone();
+    }
+}
+
+/// Splits `budget` between claimants max-min fairly by weight: each gets at most its
+/// `demand`, and what one cannot use is shared by the others. Tokens that do not divide evenly
+/// go one each to the first claimants (the caller rotates the order from step to step).
+fn fair_split(budget: usize, demand: &[usize], weight: &[usize]) -> Vec<usize> {
+    let mut grant = vec![0usize; demand.len()];
+    let mut left = budget;
+    loop {
+        let hungry: Vec<usize> = (0..demand.len())
+            .filter(|&i| grant[i] < demand[i])
+            .collect();
+        if hungry.is_empty() || left == 0 {
+            return grant;
+        }
+        let wsum: usize = hungry.iter().map(|&i| weight[i].max(1)).sum();
+        let mut gave = 0;
+        for &i in &hungry {
+            let g = (left * weight[i].max(1) / wsum).min(demand[i] - grant[i]);
+            grant[i] += g;
+            gave += g;
+        }
+        if gave == 0 {
+            for &i in hungry.iter().take(left) {
+                grant[i] += 1;
+                gave += 1;
+            }
+        }
+        left -= gave;
     }
 }
