@@ -192,6 +192,9 @@ pub struct Sampler {
     work: Vec<f32>,
     cands: Vec<(u32, f32)>,
     counts: Vec<(u32, u32)>,
+    /// `params.logit_bias` for this vocabulary: ids inside it, ascending, one entry per id (the
+    /// biases of a repeated id summed); built on the first `sample`.
+    bias: Option<(usize, Vec<(u32, f32)>)>,
 }
 
 impl Sampler {
@@ -201,11 +204,14 @@ impl Sampler {
             seed,
             invalid: params.validate().err(),
             rng: ChaCha8Rng::seed_from_u64(seed),
-            history: std::collections::VecDeque::with_capacity(params.penalty_last_n),
+            // The history grows with the tokens accepted, never to `penalty_last_n` up front: a
+            // guest may ask for `u32::MAX` of them.
+            history: std::collections::VecDeque::new(),
             params,
             work: Vec::new(),
             cands: Vec::new(),
             counts: Vec::new(),
+            bias: None,
         }
     }
 
@@ -339,9 +345,19 @@ impl Sampler {
                 *l = f32::MAX;
             }
         }
-        for &(id, b) in &self.params.logit_bias {
-            if let Some(l) = work.get_mut(id as usize) {
-                *l += b;
+        let n_vocab = work.len();
+        if self.bias.as_ref().is_none_or(|b| b.0 != n_vocab) {
+            self.bias = Some((n_vocab, compact_bias(&self.params.logit_bias, n_vocab)));
+        }
+        let bias = &self.bias.as_ref().expect("just built").1;
+        for &(id, b) in bias {
+            let l = &mut work[id as usize];
+            *l += b;
+            // `-inf + inf` and `x + inf` must not reach the comparisons either.
+            if l.is_nan() {
+                *l = f32::NEG_INFINITY;
+            } else if *l == f32::INFINITY {
+                *l = f32::MAX;
             }
         }
         if let Some(m) = mask {
@@ -357,13 +373,19 @@ impl Sampler {
             }
         }
         if self.params.penalties_active() && !self.history.is_empty() {
+            // Occurrences per token by sorting (the history holds at most as many tokens as
+            // were accepted, and a linear search per token would be quadratic in it).
             self.counts.clear();
-            for &t in &self.history {
-                match self.counts.iter_mut().find(|c| c.0 == t) {
-                    Some(c) => c.1 += 1,
-                    None => self.counts.push((t, 1)),
+            self.counts.extend(self.history.iter().map(|&t| (t, 1)));
+            self.counts.sort_unstable_by_key(|c| c.0);
+            self.counts.dedup_by(|next, first| {
+                if next.0 == first.0 {
+                    first.1 += 1;
+                    true
+                } else {
+                    false
                 }
-            }
+            });
             let p = &self.params;
             for &(t, n) in &self.counts {
                 let Some(l) = work.get_mut(t as usize) else {
@@ -408,6 +430,27 @@ impl Sampler {
             .map(|(i, l)| (i, (l as f64 - lse) as f32))
             .collect()
     }
+}
+
+/// The biases that apply to a vocabulary of `n_vocab` tokens: ids outside it dropped, one
+/// entry per id (repeated ids' biases summed in list order), ascending, so its size is bounded by
+/// the vocabulary however long the caller's list is.
+fn compact_bias(list: &[(u32, f32)], n_vocab: usize) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = list
+        .iter()
+        .copied()
+        .filter(|&(id, _)| (id as usize) < n_vocab)
+        .collect();
+    v.sort_by_key(|b| b.0);
+    v.dedup_by(|next, first| {
+        if next.0 == first.0 {
+            first.1 += next.1;
+            true
+        } else {
+            false
+        }
+    });
+    v
 }
 
 fn first_max(cands: &[(u32, f32)]) -> u32 {
@@ -457,19 +500,80 @@ pub struct StopOutcome {
 /// string is held back until it is ruled out; on a match the text before it is emitted and the
 /// stop string itself never is. When two stops could match, the first complete one found wins
 /// (generation ends as soon as any stop is certain), and among those the earliest in the text.
+///
+/// Each stop string is followed by a Knuth-Morris-Pratt automaton fed the streamed bytes once, so
+/// a push costs O(stops × pushed bytes) and the memory is O(total stop length), however long or
+/// numerous the (client-supplied) stop strings are.
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    stops: Vec<Stop>,
+    /// Text streamed and not yet emitted is `pending[from..]`; the emitted prefix is dropped
+    /// once it is the larger part, so a push never moves the held text.
     pending: String,
+    from: usize,
     stopped: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Stop {
+    text: Box<[u8]>,
+    /// KMP failure function: `fail[i]` is the length of the longest proper prefix of
+    /// `text[..=i]` that is also its suffix.
+    fail: Box<[u32]>,
+    /// Length of the longest prefix of `text` that ends the text streamed so far.
+    state: usize,
+}
+
+impl Stop {
+    fn new(text: &str) -> Stop {
+        let t = text.as_bytes();
+        let mut fail = vec![0u32; t.len()];
+        let mut k = 0usize;
+        for i in 1..t.len() {
+            while k > 0 && t[i] != t[k] {
+                k = fail[k - 1] as usize;
+            }
+            if t[i] == t[k] {
+                k += 1;
+            }
+            fail[i] = k as u32;
+        }
+        Stop {
+            text: t.into(),
+            fail: fail.into(),
+            state: 0,
+        }
+    }
+
+    /// Feeds one byte; true when the whole stop string has just been seen.
+    #[inline]
+    fn step(&mut self, b: u8) -> bool {
+        let mut k = self.state;
+        if k == self.text.len() {
+            k = self.fail[k - 1] as usize;
+        }
+        while k > 0 && self.text[k] != b {
+            k = self.fail[k - 1] as usize;
+        }
+        if self.text[k] == b {
+            k += 1;
+        }
+        self.state = k;
+        k == self.text.len()
+    }
 }
 
 impl StopMatcher {
     /// Empty stop strings are ignored.
     pub fn new(stops: &[String]) -> Self {
         StopMatcher {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Stop::new(s))
+                .collect(),
             pending: String::new(),
+            from: 0,
             stopped: false,
         }
     }
@@ -485,51 +589,58 @@ impl StopMatcher {
                 stopped: true,
             };
         }
+        let base = self.pending.len();
         self.pending.push_str(text);
-        if let Some(pos) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
+        // The earliest start among the stops completed by this text. What is pending always
+        // covers every stop's partial match (see the hold below), so starts fall inside it.
+        let mut first: Option<usize> = None;
+        for stop in &mut self.stops {
+            for (j, &b) in text.as_bytes().iter().enumerate() {
+                if stop.step(b) {
+                    let start = (base + j + 1).saturating_sub(stop.text.len());
+                    first = Some(first.map_or(start, |f| f.min(start)));
+                    break;
+                }
+            }
+        }
+        if let Some(pos) = first {
             self.stopped = true;
-            let mut emit = std::mem::take(&mut self.pending);
-            emit.truncate(pos);
+            let emit = self.pending[self.from.min(pos)..pos].to_string();
+            self.pending.clear();
+            self.from = 0;
             return StopOutcome {
                 emit,
                 stopped: true,
             };
         }
-        let hold = self.held_suffix_start();
-        let rest = self.pending.split_off(hold);
-        let emit = std::mem::replace(&mut self.pending, rest);
+        // Hold the longest suffix that is a proper prefix of some stop string. It starts on a
+        // character boundary: it begins with a stop string's first byte.
+        let held = self.stops.iter().map(|s| s.state).max().unwrap_or(0);
+        let upto = self.pending.len() - held;
+        let emit = self.pending[self.from..upto].to_string();
+        self.from = upto;
+        if self.from > 4096 && self.from * 2 > self.pending.len() {
+            self.pending.drain(..self.from);
+            self.from = 0;
+        }
         StopOutcome {
             emit,
             stopped: false,
         }
     }
 
-    /// Start of the longest suffix of `pending` that is a proper prefix of some stop string.
-    fn held_suffix_start(&self) -> usize {
-        let p = &self.pending;
-        let longest = self.stops.iter().map(|s| s.len()).max().unwrap_or(0);
-        let from = p.len().saturating_sub(longest.saturating_sub(1));
-        (from..p.len())
-            .filter(|&i| p.is_char_boundary(i))
-            .find(|&i| {
-                let tail = &p[i..];
-                self.stops.iter().any(|s| s.starts_with(tail))
-            })
-            .unwrap_or(p.len())
-    }
-
     /// The end of generation: whatever was held back is text after all.
     pub fn flush(&mut self) -> String {
+        for s in &mut self.stops {
+            s.state = 0;
+        }
+        let from = std::mem::take(&mut self.from);
+        let mut rest = std::mem::take(&mut self.pending);
         if self.stopped {
-            self.pending.clear();
             return String::new();
         }
-        std::mem::take(&mut self.pending)
+        rest.drain(..from);
+        rest
     }
 }
 

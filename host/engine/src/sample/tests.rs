@@ -514,3 +514,119 @@ fn stop_matcher_edge_cases() {
     assert_eq!(m.push("日"), out("", false));
     assert_eq!(m.flush(), "日");
 }
+
+/// Issue 11: `penalty_last_n = u32::MAX` from a guest made `Sampler::new` reserve 16 GiB.
+#[test]
+fn absurd_sizes_are_bounded_by_what_is_used() {
+    let n_vocab = 1000;
+    let logits: Vec<f32> = (0..n_vocab).map(|i| (i % 17) as f32 * 0.1).collect();
+    let mut biases: Vec<(u32, f32)> = (0..200_000u32).map(|i| (i, -0.5)).collect();
+    biases.extend((0..100_000).map(|_| (3u32, 1.0)));
+    biases.push((u32::MAX, f32::INFINITY));
+    biases.push((5, f32::INFINITY));
+    biases.push((5, f32::NEG_INFINITY));
+    let params = SamplingParams {
+        penalty_last_n: u32::MAX as usize,
+        repeat_penalty: 1.3,
+        frequency_penalty: 0.5,
+        presence_penalty: 0.5,
+        top_k: usize::MAX,
+        logit_bias: biases,
+        ..plain(0.9)
+    };
+    let mut s = Sampler::new(params);
+    assert!(s.history.capacity() < 1024, "{}", s.history.capacity());
+    for i in 0..5000u32 {
+        let t = s.sample(&logits, None).unwrap();
+        assert!((t as usize) < n_vocab && t != 5, "{t}");
+        s.accept(t);
+        s.accept(i % 7);
+    }
+    // The history holds what was accepted, nothing more; the bias list what the vocabulary has.
+    assert_eq!(s.history.len(), 10_000);
+    let bias = &s.bias.as_ref().unwrap().1;
+    assert_eq!(bias.len(), n_vocab);
+    assert_eq!(bias[3], (3, 100_000.0 - 0.5));
+    // +inf - inf is no number: the token is banned, never NaN in the comparisons.
+    assert!(bias[5].1.is_nan());
+    s.prepare(&logits, None);
+    assert_eq!(s.work[5], f32::NEG_INFINITY);
+    assert!(s.counts.len() <= 7 + n_vocab);
+
+    // Greedy with top_k past the vocabulary and a history of a million tokens.
+    let mut g = Sampler::new(SamplingParams {
+        penalty_last_n: usize::MAX,
+        repeat_penalty: 2.0,
+        top_k: usize::MAX,
+        ..SamplingParams::greedy()
+    });
+    for i in 0..1_000_000u32 {
+        g.accept(i % 999);
+    }
+    assert_eq!(g.history.len(), 1_000_000);
+    let t = g.sample(&logits, None).unwrap();
+    assert_eq!(t, 999, "every other token is penalised");
+}
+
+/// Stop strings come from clients: long ones, many ones and repetitive ones must not make a push
+/// cost more than the bytes pushed times the number of stops, and matching must stay exact.
+#[test]
+fn stop_matcher_agrees_with_a_naive_search_on_hostile_stops() {
+    use proptest::prelude::*;
+    // A megabyte-long stop: the held text never grows past it and never becomes quadratic.
+    let long = "ab".repeat(200_000) + "c";
+    let mut m = StopMatcher::new(&[long.clone(), "abx".into()]);
+    let mut emitted = 0;
+    for _ in 0..300_000 {
+        let o = m.push("ab");
+        assert!(!o.stopped);
+        emitted += o.emit.len();
+        assert!(m.pending.len() - m.from < long.len());
+    }
+    assert_eq!(emitted, 2 * 300_000 - (long.len() - 1));
+    let o = m.push("x");
+    assert!(o.stopped);
+    assert_eq!(o.emit.len(), long.len() - 1 - 2);
+
+    // Against a naive reference on random streams over a tiny alphabet (many near matches).
+    let naive = |stops: &[String], chunks: &[String]| -> (String, bool) {
+        let all: String = chunks.concat();
+        let stops: Vec<&String> = stops.iter().filter(|s| !s.is_empty()).collect();
+        // The first chunk at whose end some stop is complete; the earliest start among those.
+        let mut end = 0;
+        for c in chunks {
+            end += c.len();
+            if let Some(pos) = stops
+                .iter()
+                .filter_map(|s| all[..end].find(s.as_str()))
+                .min()
+            {
+                return (all[..pos].to_string(), true);
+            }
+        }
+        (all, false)
+    };
+    let word = || proptest::string::string_regex("[ab]{0,4}").unwrap();
+    proptest!(ProptestConfig::with_cases(500), |(
+        stops_in in proptest::collection::vec(word(), 0..4),
+        chunks in proptest::collection::vec(word(), 0..12),
+    )| {
+        let chunks: Vec<String> = chunks;
+        let stops_in: Vec<String> = stops_in;
+        let mut m = StopMatcher::new(&stops_in);
+        let mut out = String::new();
+        let mut stopped = false;
+        for c in &chunks {
+            let o = m.push(c);
+            out.push_str(&o.emit);
+            if o.stopped {
+                stopped = true;
+                break;
+            }
+        }
+        if !stopped {
+            out.push_str(&m.flush());
+        }
+        prop_assert_eq!((out, stopped), naive(&stops_in, &chunks));
+    });
+}

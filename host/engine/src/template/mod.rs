@@ -27,6 +27,10 @@ pub enum TemplateError {
         message: String,
         line: Option<usize>,
     },
+    /// Rendering needed more work or produced more text than the conversation's size allows
+    /// (see [`ChatTemplate::render`]).
+    #[error("chat template rendering exceeded its {what} limit of {limit} for this conversation")]
+    Limit { what: &'static str, limit: u64 },
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
 }
@@ -292,6 +296,10 @@ impl ChatTemplate {
     /// Renders the conversation. The text may begin with the BOS token's text (most templates
     /// write `bos_token`); a caller whose tokenizer adds BOS itself should strip it first, as
     /// llama.cpp does (see [`ChatTemplate::strip_bos`]).
+    ///
+    /// Messages and tools come from clients, so the work and the text are bounded by the size of
+    /// what was given ([`RenderLimits::for_input`]): a render that runs past either fails with
+    /// [`TemplateError::Limit`].
     pub fn render(
         &self,
         messages: &[ChatMessage],
@@ -319,7 +327,26 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let tmpl = self.env.get_template(NAME).map_err(render_error)?;
+        let size = messages
+            .iter()
+            .map(|m| {
+                m.role.len()
+                    + json_size(&m.content)
+                    + m.extra
+                        .iter()
+                        .map(|(k, v)| k.len() + json_size(v))
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+            + tools.map_or(0, json_size)
+            + self.bos_token.len()
+            + self.eos_token.len();
+        let limits = RenderLimits::for_input(size);
+        // Fuel is a setting of the environment; a clone (shared compiled templates, a few maps
+        // of functions) carries this render's.
+        let mut env = self.env.clone();
+        env.set_fuel(Some(limits.fuel));
+        let tmpl = env.get_template(NAME).map_err(render_error)?;
         // transformers passes `tools=None` and `documents=None` when there are none, so both
         // are always defined.
         let ctx = minijinja::context! {
@@ -330,8 +357,94 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        tmpl.render(ctx).map_err(render_error)
+        let mut out = CappedWriter {
+            buf: Vec::new(),
+            cap: limits.output_bytes,
+            over: false,
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.buf).map_err(|_| TemplateError::Render {
+                message: "the template produced invalid UTF-8".into(),
+                line: None,
+            }),
+            Err(_) if out.over => Err(TemplateError::Limit {
+                what: "output bytes",
+                limit: limits.output_bytes as u64,
+            }),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TemplateError::Limit {
+                what: "instruction",
+                limit: limits.fuel,
+            }),
+            Err(e) => Err(render_error(e)),
+        }
     }
+}
+
+/// What one render may spend, from the size of the conversation it renders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenderLimits {
+    /// minijinja instructions (its `fuel`).
+    pub fuel: u64,
+    /// Bytes of rendered text.
+    pub output_bytes: usize,
+}
+
+impl RenderLimits {
+    /// Room for every real template: a fixed allowance for the template's own text and logic
+    /// plus a multiple of the input (templates loop over messages and tools, and `tojson` with
+    /// indentation roughly doubles them). `input_bytes` is the size of the messages, tools and
+    /// special-token strings, as text.
+    pub fn for_input(input_bytes: usize) -> RenderLimits {
+        RenderLimits {
+            fuel: 2_000_000 + 64 * input_bytes as u64,
+            output_bytes: (1 << 20) + 8 * input_bytes,
+        }
+    }
+}
+
+/// The rendered text, refusing to grow past `cap` bytes.
+struct CappedWriter {
+    buf: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other("rendered text too long"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Size of a JSON value as text, roughly (strings and keys by length, everything else a few
+/// bytes), without recursion.
+fn json_size(v: &serde_json::Value) -> usize {
+    use serde_json::Value as J;
+    let mut total = 0;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        total += match v {
+            J::String(s) => s.len() + 2,
+            J::Array(items) => {
+                stack.extend(items);
+                2 + items.len()
+            }
+            J::Object(map) => {
+                stack.extend(map.values());
+                2 + map.keys().map(|k| k.len() + 4).sum::<usize>()
+            }
+            _ => 8,
+        };
+    }
+    total
 }
 
 fn guess_builtin(arch: &str, name: &str, has_token: impl Fn(&str) -> bool) -> Builtin {

@@ -560,3 +560,90 @@ fn gemma3_270m_model() {
          <start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
     );
 }
+
+#[test]
+fn hostile_templates_hit_the_render_limits() {
+    let msgs = vec![ChatMessage::user("hi")];
+    // An endless amount of work: nested loops of the largest ranges minijinja allows.
+    let spin = ChatTemplate::new(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+        "",
+        "",
+    )
+    .unwrap();
+    match spin.render(&msgs, None, true) {
+        Err(TemplateError::Limit { what, limit }) => {
+            assert_eq!(what, "instruction");
+            assert_eq!(
+                limit,
+                RenderLimits::for_input("user".len() + "\"hi\"".len()).fuel
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Endless text: each step writes 100 MB (minijinja's largest repeated string).
+    let flood = ChatTemplate::new(
+        "{% for a in range(100000) %}{{ 'x' * 100000000 }}{% endfor %}",
+        "",
+        "",
+    )
+    .unwrap();
+    let e = flood.render(&msgs, None, true).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TemplateError::Limit {
+                what: "output bytes",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("output bytes limit"), "{e}");
+}
+
+#[test]
+fn hostile_conversations_render_within_limits_on_real_templates() {
+    // Many messages, long contents, deep and wide tool schemas: the real templates must still
+    // render (the limits scale with the input) and stay proportional to it.
+    let mut msgs = Vec::new();
+    for i in 0..2000 {
+        msgs.push(ChatMessage::user(format!(
+            "{i} {}",
+            "{{ x }}{% raw %}".repeat(20)
+        )));
+        msgs.push(ChatMessage::assistant("ok ".repeat(50)));
+    }
+    let mut deep = json!("leaf");
+    for _ in 0..100 {
+        deep = json!({ "type": "object", "properties": { "p": deep } });
+    }
+    let tools = json!([{ "type": "function", "function": {
+        "name": "f", "description": "d".repeat(10_000), "parameters": deep } }]);
+    let input = serde_json::to_string(&msgs).unwrap().len() + tools.to_string().len();
+    for name in [
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
+        "HuggingFaceTB-SmolLM3-3B.jinja",
+    ] {
+        let t = load(name, "<s>", "</s>");
+        let out = t
+            .render(&msgs, Some(&tools), true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            out.len() < 8 * input,
+            "{name}: {} bytes from {input}",
+            out.len()
+        );
+    }
+    for b in [
+        Builtin::ChatMl,
+        Builtin::Gemma,
+        Builtin::Llama2,
+        Builtin::Llama3,
+    ] {
+        let t = ChatTemplate::builtin(b, "<s>", "</s>").unwrap();
+        let out = t.render(&msgs, None, true).unwrap();
+        assert!(out.len() < 2 * input, "{b:?}");
+    }
+}

@@ -5,8 +5,8 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
-use super::Tokenizer;
 use super::unicode::byte_to_char;
+use super::{EncodeError, Meter, Tokenizer};
 
 /// Merge ranks from `tokenizer.ggml.merges`. Merges whose two sides are vocabulary tokens (all of
 /// them, in any sane vocabulary) are keyed by token ids; the rest by their text.
@@ -46,6 +46,19 @@ impl Merges {
 
     pub fn len(&self) -> usize {
         self.by_id.len() + self.by_text.len()
+    }
+
+    /// Whether merging never yields a symbol that is no token (merges kept by text have at least
+    /// one side that is no token, so they count as yielding one when their result is unknown).
+    pub fn all_results_are_tokens(&self, tokens: &Tokenizer) -> bool {
+        let text = |id: u32| tokens.token_text(id);
+        self.by_id
+            .keys()
+            .all(|&(a, b)| tokens.lookup(&format!("{}{}", text(a), text(b))).is_some())
+            && self
+                .by_text
+                .keys()
+                .all(|(a, b)| tokens.lookup(&format!("{a}{b}")).is_some())
     }
 
     fn rank(&self, a: (Option<u32>, &str), b: (Option<u32>, &str)) -> Option<u32> {
@@ -107,25 +120,41 @@ pub(crate) struct Session {
 
 impl Session {
     /// Byte-encodes `word` (raw text of one pre-tokenized word) and appends its tokens.
-    pub fn word(&mut self, tok: &Tokenizer, merges: &Merges, raw: &str, out: &mut Vec<u32>) {
+    pub fn word(
+        &mut self,
+        tok: &Tokenizer,
+        merges: &Merges,
+        raw: &str,
+        out: &mut Vec<u32>,
+        meter: &mut Meter<'_>,
+    ) -> Result<(), EncodeError> {
+        meter.tick(raw.len())?;
         self.word.clear();
         for &b in raw.as_bytes() {
             self.word.push(byte_to_char(b));
         }
         let word = std::mem::take(&mut self.word);
-        self.merge_word(tok, merges, &word, out);
+        let r = self.merge_word(tok, merges, &word, out, meter);
         self.word = word;
+        r
     }
 
-    fn merge_word(&mut self, tok: &Tokenizer, merges: &Merges, word: &str, out: &mut Vec<u32>) {
+    fn merge_word(
+        &mut self,
+        tok: &Tokenizer,
+        merges: &Merges,
+        word: &str,
+        out: &mut Vec<u32>,
+        meter: &mut Meter<'_>,
+    ) -> Result<(), EncodeError> {
         if word.is_empty() {
-            return;
+            return Ok(());
         }
         if tok.ignore_merges
             && let Some(id) = tok.lookup(word)
         {
             out.push(id);
-            return;
+            return Ok(());
         }
         let syms = &mut self.syms;
         let heap = &mut self.heap;
@@ -159,8 +188,10 @@ impl Session {
         };
         for i in 1..syms.len() {
             try_add(syms, heap, i as i32 - 1, i as i32);
+            meter.tick(1)?;
         }
         while let Some(b) = heap.pop() {
+            meter.tick(1)?;
             let (l, r) = (b.left as usize, b.right as usize);
             let (ll, rl) = (syms[l].len, syms[r].len);
             // Both sides unmerged since the pair was queued means the pair's text is unchanged.
@@ -194,5 +225,6 @@ impl Session {
                 }
             }
         }
+        Ok(())
     }
 }

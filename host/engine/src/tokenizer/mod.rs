@@ -209,7 +209,75 @@ pub struct Tokenizer {
     special_finder: Option<AhoCorasick>,
     merges: bpe::Merges,
     pretok: Option<pretok::PreTokenizer>,
+    /// See [`Tokenizer::max_token_bytes`].
+    max_token_bytes: usize,
     warnings: Vec<String>,
+}
+
+/// Limits for [`Tokenizer::encode_bounded`]. The default sets none.
+#[derive(Clone, Copy, Default)]
+pub struct EncodeBudget<'a> {
+    /// Stop with [`EncodeError::TooManyTokens`] as soon as the result provably exceeds this.
+    pub max_tokens: Option<usize>,
+    /// Polled regularly (at least every few thousand bytes/merge steps of work); `true` stops
+    /// the work with [`EncodeError::Stopped`].
+    pub should_stop: Option<&'a (dyn Fn() -> bool + Sync)>,
+}
+
+impl std::fmt::Debug for EncodeBudget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncodeBudget")
+            .field("max_tokens", &self.max_tokens)
+            .field("should_stop", &self.should_stop.is_some())
+            .finish()
+    }
+}
+
+/// Why [`Tokenizer::encode_bounded`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("the text is longer than {limit} tokens")]
+    TooManyTokens { limit: usize },
+    #[error("tokenization was stopped before it finished")]
+    Stopped,
+}
+
+/// Units of work (bytes scanned, symbols built, merges done) between two polls of
+/// [`EncodeBudget::should_stop`].
+const POLL_EVERY: usize = 4096;
+
+/// Counts the work of one encode and polls the caller's stop flag every [`POLL_EVERY`] units.
+pub(crate) struct Meter<'a> {
+    should_stop: Option<&'a (dyn Fn() -> bool + Sync)>,
+    work: usize,
+}
+
+impl<'a> Meter<'a> {
+    fn new(should_stop: Option<&'a (dyn Fn() -> bool + Sync)>) -> Self {
+        Meter {
+            should_stop,
+            work: 0,
+        }
+    }
+
+    /// Adds `n` units of work; polls the stop flag when enough has accumulated.
+    #[inline]
+    pub(crate) fn tick(&mut self, n: usize) -> Result<(), EncodeError> {
+        self.work += n;
+        if self.work >= POLL_EVERY {
+            self.work = 0;
+            self.poll()?;
+        }
+        Ok(())
+    }
+
+    /// Polls the stop flag now.
+    pub(crate) fn poll(&self) -> Result<(), EncodeError> {
+        match self.should_stop {
+            Some(stop) if stop() => Err(EncodeError::Stopped),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -582,9 +650,11 @@ impl Tokenizer {
             special_finder,
             merges,
             pretok,
+            max_token_bytes: usize::MAX,
             warnings,
         };
         t.build_pieces();
+        t.max_token_bytes = t.compute_max_token_bytes();
         Ok(t)
     }
 
@@ -635,6 +705,58 @@ impl Tokenizer {
         }
     }
 
+    /// The longest token text when every input byte provably ends up in some token that covers
+    /// at most that many input bytes; `usize::MAX` otherwise (see [`Tokenizer::max_token_bytes`]).
+    fn compute_max_token_bytes(&self) -> usize {
+        // Special tokens that strip whitespace around them cover any number of input bytes.
+        if self
+            .specials
+            .iter()
+            .any(|&id| self.attrs[id as usize] & (attr::LSTRIP | attr::RSTRIP) != 0)
+        {
+            return usize::MAX;
+        }
+        let lossless = match self.kind {
+            // Every symbol that is no token falls back to one token per byte.
+            VocabKind::SentencePiece => (0..=255u8).all(|b| self.byte_token(b).is_some()),
+            // The fallback keeps only ASCII bytes, so every symbol must be a token: all 256 byte
+            // characters and every merge result.
+            VocabKind::ByteLevel => {
+                (0..=255u8).all(|b| self.lookup(&unicode::byte_to_char(b).to_string()).is_some())
+                    && self.merges.all_results_are_tokens(self)
+            }
+        };
+        if !lossless {
+            return usize::MAX;
+        }
+        // SentencePiece writes a space as the 3-byte '▁' and byte-level BPE a byte as a 1- or
+        // 2-byte character, so a token's text is never shorter than the input it covers.
+        self.tokens
+            .iter()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Byte length of the longest token's text: every token covers at most this many input
+    /// bytes, so `text.len().div_ceil(max_token_bytes())` is a lower bound on its token count
+    /// (for a text that yields any token). `usize::MAX` where no such bound holds: vocabularies
+    /// that drop input they cannot tokenize, or whose special tokens strip the whitespace around
+    /// them (Phi-3).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// The least number of tokens `bytes` bytes of input can become (0 where no bound holds).
+    fn min_tokens(&self, bytes: usize) -> usize {
+        if self.max_token_bytes == usize::MAX {
+            0
+        } else {
+            bytes.div_ceil(self.max_token_bytes)
+        }
+    }
+
     #[inline]
     fn lookup(&self, text: &str) -> Option<u32> {
         self.ids.get(text).copied()
@@ -651,38 +773,78 @@ impl Tokenizer {
     /// those tokens instead of being tokenized as plain text. User-defined tokens are always
     /// matched, as in llama.cpp.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 2);
-        let frags = self.partition(text, parse_special);
-        if add_special
-            && self.add_bos
+        match self.encode_bounded(text, add_special, parse_special, &EncodeBudget::default()) {
+            Ok(ids) => ids,
+            Err(e) => unreachable!("an unbounded encode cannot fail: {e}"),
+        }
+    }
+
+    /// [`Tokenizer::encode`] within a budget: with `max_tokens`, a text whose lower bound
+    /// ([`Tokenizer::max_token_bytes`]) already exceeds it is rejected before any work, and the
+    /// work stops as soon as the tokens produced (plus EOS) exceed it; `should_stop` is polled
+    /// every few thousand units of work. When it succeeds, the result is exactly `encode`'s.
+    pub fn encode_bounded(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        budget: &EncodeBudget<'_>,
+    ) -> Result<Vec<u32>, EncodeError> {
+        let limit = budget.max_tokens.unwrap_or(usize::MAX);
+        let too_many = || EncodeError::TooManyTokens { limit };
+        let bos = (add_special && self.add_bos && self.bos.is_some()) as usize;
+        let eos = (add_special && self.add_eos && self.eos.is_some()) as usize;
+        if self.min_tokens(text.len()) + bos + eos > limit {
+            return Err(too_many());
+        }
+        let mut meter = Meter::new(budget.should_stop);
+        meter.poll()?;
+        let mut out = Vec::with_capacity((text.len() / 3 + 2).min(limit.saturating_add(1)));
+        if bos == 1
             && let Some(b) = self.bos
         {
             out.push(b);
         }
+        // After each fragment: the tokens so far, EOS and the least the rest can become.
+        let check = |out: &Vec<u32>, rest: usize| {
+            if out.len() + eos + self.min_tokens(rest) > limit {
+                Err(too_many())
+            } else {
+                Ok(())
+            }
+        };
         match self.kind {
             VocabKind::SentencePiece => {
                 let mut prev_special = true;
                 let mut buf = String::new();
-                for f in &frags {
-                    match *f {
-                        Frag::Text(s, e) => {
-                            buf.clear();
-                            if self.add_space_prefix && prev_special {
-                                buf.push(' ');
+                self.partition(text, parse_special, &mut meter, &mut |f, meter| match f {
+                    Frag::Text(s, e) => {
+                        buf.clear();
+                        if self.add_space_prefix && prev_special {
+                            buf.push(if self.escape_whitespaces {
+                                '\u{2581}'
+                            } else {
+                                ' '
+                            });
+                        }
+                        if self.escape_whitespaces {
+                            for c in text[s..e].chars() {
+                                buf.push(if c == ' ' { '\u{2581}' } else { c });
                             }
+                        } else {
                             buf.push_str(&text[s..e]);
-                            if self.escape_whitespaces {
-                                buf = buf.replace(' ', "\u{2581}");
-                            }
-                            spm::tokenize(self, &buf, &mut out);
-                            prev_special = false;
                         }
-                        Frag::Token(id) => {
-                            out.push(id);
-                            prev_special = true;
-                        }
+                        meter.tick(e - s)?;
+                        spm::tokenize(self, &buf, &mut out, meter)?;
+                        prev_special = false;
+                        check(&out, text.len() - e)
                     }
-                }
+                    Frag::Token(id) => {
+                        out.push(id);
+                        prev_special = true;
+                        check(&out, 0)
+                    }
+                })?;
             }
             VocabKind::ByteLevel => {
                 let pretok = self
@@ -691,39 +853,160 @@ impl Tokenizer {
                     .expect("byte-level has a pre-tokenizer");
                 let mut session = bpe::Session::default();
                 let mut cpts = Vec::new();
-                for f in &frags {
-                    match *f {
-                        Frag::Text(s, e) => {
-                            let frag = &text[s..e];
-                            cpts.clear();
-                            cpts.extend(frag.chars());
-                            let mut at = 0;
-                            let mut ci = 0;
-                            for len in pretok.split(&cpts) {
-                                let bytes: usize =
-                                    cpts[ci..ci + len].iter().map(|c| c.len_utf8()).sum();
-                                session.word(self, &self.merges, &frag[at..at + bytes], &mut out);
-                                at += bytes;
-                                ci += len;
-                            }
+                self.partition(text, parse_special, &mut meter, &mut |f, meter| match f {
+                    Frag::Text(s, e) => {
+                        let frag = &text[s..e];
+                        cpts.clear();
+                        cpts.extend(frag.chars());
+                        meter.tick(e - s)?;
+                        let mut at = 0;
+                        let mut ci = 0;
+                        for len in pretok.split(&cpts) {
+                            let bytes: usize =
+                                cpts[ci..ci + len].iter().map(|c| c.len_utf8()).sum();
+                            session.word(
+                                self,
+                                &self.merges,
+                                &frag[at..at + bytes],
+                                &mut out,
+                                meter,
+                            )?;
+                            at += bytes;
+                            ci += len;
+                            check(&out, text.len() - (s + at))?;
                         }
-                        Frag::Token(id) => out.push(id),
+                        Ok(())
                     }
-                }
+                    Frag::Token(id) => {
+                        out.push(id);
+                        check(&out, 0)
+                    }
+                })?;
             }
         }
-        if add_special
-            && self.add_eos
+        if eos == 1
             && let Some(e) = self.eos
         {
             out.push(e);
         }
-        out
+        Ok(out)
     }
 
-    /// Splits `text` on special tokens (llama.cpp's `tokenizer_st_partition`): for each special
-    /// token, longest first, every occurrence in every remaining text fragment is cut out.
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Frag> {
+    /// Splits `text` on special tokens as llama.cpp's `tokenizer_st_partition` does — for each
+    /// special token, longest first, every occurrence in every remaining text fragment is cut
+    /// out — and hands the fragments to `emit` in text order.
+    ///
+    /// llama.cpp materializes the whole fragment list once per special token; this walks the same
+    /// cuts depth first instead: a text piece left between two occurrences of token `k` is cut by
+    /// token `k + 1` (and so on) before the scan for token `k` goes on. The pieces each token sees
+    /// are the same, so the fragments are too, but the working memory is one scan position per
+    /// special token that occurs in the text (plus a flag per special token), never a list as
+    /// long as the text. Returns the deepest that stack of positions got (tests check the bound).
+    fn partition(
+        &self,
+        text: &str,
+        parse_special: bool,
+        meter: &mut Meter<'_>,
+        emit: &mut dyn FnMut(Frag, &mut Meter<'_>) -> Result<(), EncodeError>,
+    ) -> Result<usize, EncodeError> {
+        if text.is_empty() {
+            return Ok(0);
+        }
+        // Only tokens that occur somewhere in the text can split a fragment of it. One flag per
+        // special token (the matches themselves are not kept: overlapping runs of Gemma's
+        // whitespace tokens give dozens per byte).
+        let mut levels: Vec<(u32, u16)> = Vec::new();
+        if let Some(finder) = &self.special_finder {
+            let mut seen = vec![false; self.specials.len()];
+            for m in finder.find_overlapping_iter(text) {
+                seen[m.pattern().as_usize()] = true;
+                meter.tick(1)?;
+            }
+            for (i, &id) in self.specials.iter().enumerate() {
+                let a = self.attrs[id as usize];
+                if seen[i] && (parse_special || a & (attr::CONTROL | attr::UNKNOWN) == 0) {
+                    levels.push((id, a));
+                }
+            }
+        }
+        enum Step {
+            /// Cut `levels[level]` out of `text[s..e]`.
+            Scan {
+                level: usize,
+                s: usize,
+                e: usize,
+            },
+            Emit(Frag),
+        }
+        let bytes = text.as_bytes();
+        let mut stack = vec![Step::Scan {
+            level: 0,
+            s: 0,
+            e: text.len(),
+        }];
+        let mut peak = 1;
+        // A text piece goes to the next token's scan, or out when no token is left.
+        let piece = |level: usize, s: usize, e: usize| {
+            if level + 1 < levels.len() {
+                Step::Scan {
+                    level: level + 1,
+                    s,
+                    e,
+                }
+            } else {
+                Step::Emit(Frag::Text(s, e))
+            }
+        };
+        while let Some(step) = stack.pop() {
+            let (level, s, e) = match step {
+                Step::Emit(f) => {
+                    emit(f, meter)?;
+                    continue;
+                }
+                Step::Scan { level, s, e } if level >= levels.len() => {
+                    emit(Frag::Text(s, e), meter)?;
+                    continue;
+                }
+                Step::Scan { level, s, e } => (level, s, e),
+            };
+            let (id, a) = levels[level];
+            let pat = &*self.tokens[id as usize];
+            let found = text[s..e].find(pat);
+            meter.tick(found.map_or(e - s, |p| p + pat.len()))?;
+            let Some(pos) = found else {
+                stack.push(piece(level, s, e));
+                continue;
+            };
+            let m = s + pos;
+            let mut left_end = m;
+            if a & attr::LSTRIP != 0 {
+                while left_end > s && bytes[left_end - 1].is_ascii_whitespace_c() {
+                    left_end -= 1;
+                }
+            }
+            let mut r = m + pat.len();
+            if a & attr::RSTRIP != 0 {
+                while r < e && bytes[r].is_ascii_whitespace_c() {
+                    r += 1;
+                }
+            }
+            // Last in, first out: the piece before the token, the token, then the rest.
+            if r < e {
+                stack.push(Step::Scan { level, s: r, e });
+            }
+            stack.push(Step::Emit(Frag::Token(id)));
+            if left_end > s {
+                stack.push(piece(level, s, left_end));
+            }
+            peak = peak.max(stack.len());
+        }
+        Ok(peak)
+    }
+
+    /// The partition as llama.cpp writes it (and as this module did before [`Self::partition`]
+    /// streamed): every fragment list materialized once per special token. Tests compare the two.
+    #[cfg(test)]
+    fn partition_reference(&self, text: &str, parse_special: bool) -> Vec<Frag> {
         if text.is_empty() {
             return Vec::new();
         }
@@ -732,15 +1015,14 @@ impl Tokenizer {
             return frags;
         };
         // Only tokens that occur somewhere in the text can split a fragment of it.
-        let mut present: Vec<usize> = finder
-            .find_overlapping_iter(text)
-            .map(|m| m.pattern().as_usize())
-            .collect();
+        let mut seen = vec![false; self.specials.len()];
+        for m in finder.find_overlapping_iter(text) {
+            seen[m.pattern().as_usize()] = true;
+        }
+        let present: Vec<usize> = (0..seen.len()).filter(|&i| seen[i]).collect();
         if present.is_empty() {
             return frags;
         }
-        present.sort_unstable();
-        present.dedup();
         let bytes = text.as_bytes();
         for idx in present {
             let id = self.specials[idx];

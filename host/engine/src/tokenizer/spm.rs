@@ -8,7 +8,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::Tokenizer;
+use super::{EncodeError, Meter, Tokenizer};
 
 #[derive(Clone, Copy)]
 struct Sym {
@@ -50,9 +50,14 @@ impl Ord for Bigram {
 }
 
 /// Tokenizes one fragment (already space-escaped) and appends the ids to `out`.
-pub(crate) fn tokenize(tok: &Tokenizer, text: &str, out: &mut Vec<u32>) {
+pub(crate) fn tokenize(
+    tok: &Tokenizer,
+    text: &str,
+    out: &mut Vec<u32>,
+    meter: &mut Meter<'_>,
+) -> Result<(), EncodeError> {
     if text.is_empty() {
-        return;
+        return Ok(());
     }
     let mut syms: Vec<Sym> = Vec::with_capacity(text.len());
     let n_chars = text.chars().count();
@@ -83,8 +88,10 @@ pub(crate) fn tokenize(tok: &Tokenizer, text: &str, out: &mut Vec<u32>) {
     };
     for i in 1..syms.len() {
         try_add(&syms, &mut heap, i as i32 - 1, i as i32);
+        meter.tick(1)?;
     }
     while let Some(b) = heap.pop() {
+        meter.tick(1)?;
         let (l, r) = (b.left as usize, b.right as usize);
         let (ll, rl) = (syms[l].len, syms[r].len);
         // A pair is stale once either side has merged with something else.
@@ -118,4 +125,5 @@ pub(crate) fn tokenize(tok: &Tokenizer, text: &str, out: &mut Vec<u32>) {
         }
         i = s.next;
     }
+    Ok(())
 }

@@ -337,3 +337,288 @@ fn clean_spaces_edge_cases() {
     assert_eq!(run("a 't b 'd c 'll"), "a 't b 'd c 'll");
     assert_eq!(run("we 're you 've"), "we're you've");
 }
+
+/// The vocabularies the bounded-encode checks run on: the fixtures plus Gemma when present.
+fn all_vocabs() -> Vec<&'static Tokenizer> {
+    let mut v = vec![vocab("llama-spm"), vocab("gpt-2"), vocab("qwen2")];
+    v.extend(gemma());
+    v
+}
+
+#[test]
+fn max_token_bytes_is_a_lower_bound_for_real_vocabularies() {
+    for tok in all_vocabs() {
+        let m = tok.max_token_bytes();
+        assert!(m < 1024, "{:?}: no finite bound ({m})", tok.pre_family());
+        let longest = (0..tok.n_vocab() as u32)
+            .map(|i| tok.token_text(i).len())
+            .max()
+            .unwrap();
+        assert_eq!(m, longest);
+    }
+}
+
+#[test]
+fn encode_bounded_rejects_up_front_without_work() {
+    let text = "word ".repeat(200_000);
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let stop = || {
+        polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        false
+    };
+    for tok in all_vocabs() {
+        let lower = text.len().div_ceil(tok.max_token_bytes());
+        let budget = EncodeBudget {
+            max_tokens: Some(lower - 1),
+            should_stop: Some(&stop),
+        };
+        assert_eq!(
+            tok.encode_bounded(&text, false, false, &budget),
+            Err(EncodeError::TooManyTokens { limit: lower - 1 })
+        );
+    }
+    assert_eq!(polls.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[test]
+fn encode_bounded_stops_early_and_polls_regularly() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let text = "Hello world, this is a sentence. ".repeat(8_000);
+    for tok in all_vocabs() {
+        let polls = AtomicUsize::new(0);
+        let stop = || {
+            polls.fetch_add(1, Ordering::Relaxed);
+            false
+        };
+        let full = tok
+            .encode_bounded(
+                &text,
+                true,
+                false,
+                &EncodeBudget {
+                    max_tokens: None,
+                    should_stop: Some(&stop),
+                },
+            )
+            .unwrap();
+        assert_eq!(full, tok.encode(&text, true, false));
+        let full_polls = polls.swap(0, Ordering::Relaxed);
+        // At least one poll per POLL_EVERY units, and every byte is at least one unit.
+        assert!(full_polls >= text.len() / POLL_EVERY, "{full_polls} polls");
+
+        // Exactly enough room succeeds; one token less fails.
+        let exact = EncodeBudget {
+            max_tokens: Some(full.len()),
+            should_stop: None,
+        };
+        assert_eq!(
+            tok.encode_bounded(&text, true, false, &exact).unwrap(),
+            full
+        );
+        let short = EncodeBudget {
+            max_tokens: Some(full.len() - 1),
+            should_stop: None,
+        };
+        assert_eq!(
+            tok.encode_bounded(&text, true, false, &short),
+            Err(EncodeError::TooManyTokens {
+                limit: full.len() - 1
+            })
+        );
+
+        // A limit far below the result (but above the byte bound) stops long before the end
+        // where tokens come out as the work goes (byte-level BPE, word by word; SentencePiece
+        // merges a fragment between special tokens as a whole, so it stops at their ends).
+        let lower = text.len().div_ceil(tok.max_token_bytes());
+        let budget = EncodeBudget {
+            max_tokens: Some(lower + 10),
+            should_stop: Some(&stop),
+        };
+        if tok.kind() == VocabKind::ByteLevel {
+            assert!(full.len() > 4 * (lower + 10));
+            assert!(matches!(
+                tok.encode_bounded(&text, true, false, &budget),
+                Err(EncodeError::TooManyTokens { .. })
+            ));
+            let early = polls.swap(0, Ordering::Relaxed);
+            assert!(early * 2 < full_polls, "{early} of {full_polls} polls");
+        }
+
+        // A stop request ends the work at the next poll.
+        let left = AtomicUsize::new(3);
+        let stop_soon = || left.fetch_sub(1, Ordering::Relaxed) <= 1;
+        let budget = EncodeBudget {
+            max_tokens: None,
+            should_stop: Some(&stop_soon),
+        };
+        assert_eq!(
+            tok.encode_bounded(&text, true, false, &budget),
+            Err(EncodeError::Stopped)
+        );
+    }
+}
+
+#[test]
+fn encode_bounded_agrees_with_encode() {
+    use proptest::prelude::*;
+    let pieces = [
+        "a",
+        "b",
+        "the",
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "é",
+        "東京",
+        "🦙",
+        "<|im_start|>",
+        "<|im_end|>",
+        "</s>",
+        "<s>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<eos>",
+        "1",
+        "123",
+        ",",
+        ".",
+        "'s",
+        "\u{3000}",
+        "\r\n",
+    ];
+    let vocabs = all_vocabs();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 300,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &(
+                proptest::collection::vec(0..pieces.len(), 0..40),
+                any::<bool>(),
+                any::<bool>(),
+                0usize..60,
+            ),
+            |(idx, add_special, parse_special, limit)| {
+                let text: String = idx.iter().map(|&i| pieces[i]).collect();
+                for tok in &vocabs {
+                    let want = tok.encode(&text, add_special, parse_special);
+                    let lower = text.len().div_ceil(tok.max_token_bytes());
+                    prop_assert!(want.len() >= lower, "{text:?}: {} < {lower}", want.len());
+                    let got = tok.encode_bounded(
+                        &text,
+                        add_special,
+                        parse_special,
+                        &EncodeBudget {
+                            max_tokens: Some(limit),
+                            should_stop: None,
+                        },
+                    );
+                    if want.len() <= limit {
+                        prop_assert_eq!(got, Ok(want));
+                    } else {
+                        prop_assert_eq!(got, Err(EncodeError::TooManyTokens { limit }));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+/// The streamed partition's fragments, collected.
+fn streamed(tok: &Tokenizer, text: &str, parse_special: bool) -> (Vec<Frag>, usize) {
+    let mut frags = Vec::new();
+    let mut meter = Meter::new(None);
+    let peak = tok
+        .partition(text, parse_special, &mut meter, &mut |f, _| {
+            frags.push(f);
+            Ok(())
+        })
+        .unwrap();
+    (frags, peak)
+}
+
+#[test]
+fn streamed_partition_equals_llama_cpp_partition() {
+    use proptest::prelude::*;
+    let pieces = [
+        "a",
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\n\n\n",
+        "\t",
+        "\t\t",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<eos>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "</s>",
+        "<s>",
+        "<unk>",
+        "<mask>",
+        "é",
+        "<b>",
+        "</b>",
+        "<table>",
+        "<0x0A>",
+    ];
+    let vocabs = all_vocabs();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 300,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &(
+                proptest::collection::vec(0..pieces.len(), 0..60),
+                any::<bool>(),
+            ),
+            |(idx, parse_special)| {
+                let text: String = idx.iter().map(|&i| pieces[i]).collect();
+                for tok in &vocabs {
+                    let want = tok.partition_reference(&text, parse_special);
+                    prop_assert_eq!(streamed(tok, &text, parse_special).0, want);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+/// Issue 11: 15 MiB of whitespace made the partition keep every overlapping match of Gemma's
+/// whitespace tokens (~250 bytes per input byte). Its working memory is now a flag per special
+/// token and a stack bounded by the number of special tokens, whatever the input's length.
+#[test]
+fn partition_memory_does_not_grow_with_the_input() {
+    let Some(g) = gemma() else { return };
+    let unit = " \n\t \n\n  \t\t\n\n\n        \n<start_of_turn>";
+    let n_specials = g.specials.len();
+    let mut peaks = Vec::new();
+    for reps in [1_000, 30_000] {
+        let text = unit.repeat(reps);
+        let (frags, peak) = streamed(g, &text, true);
+        assert!(frags.len() > reps, "the whitespace tokens cut the text");
+        // Three entries per special token that occurs: continuation, token, next piece.
+        assert!(peak <= 3 * n_specials + 1, "{peak}");
+        peaks.push(peak);
+        let ws = " \n\t".repeat(reps * 10);
+        let (_, peak) = streamed(g, &ws, false);
+        peaks.push(peak);
+    }
+    assert_eq!(
+        peaks[0], peaks[2],
+        "the stack's peak does not depend on the length"
+    );
+    assert_eq!(peaks[1], peaks[3]);
+    assert!(peaks.iter().all(|&p| p < 400), "{peaks:?}");
+    // And the tokens are llama.cpp's.
+    let text = unit.repeat(200);
+    let want = g.partition_reference(&text, true);
+    assert_eq!(streamed(g, &text, true).0, want);
+}
