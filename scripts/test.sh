@@ -35,6 +35,23 @@ CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guest-sdk/Cargo.
 step "cargo test"
 cargo test --workspace -- --test-threads 2
 
+step "engine tests again at the lower ISA levels (REALM_ISA=scalar, then avx2; same binaries)"
+# Kernels are picked at run time and CI's CPU changes between runs: the engine's test binaries
+# built above (and run above at this CPU's own level) run again with the dispatcher capped.
+engine_tests=$(cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if (m.get("reason") == "compiler-artifact" and m.get("executable")
+            and m["profile"]["test"] and m["manifest_path"].endswith("/host/engine/Cargo.toml")):
+        print(m["executable"])')
+[ -n "$engine_tests" ] || { echo "no engine test binaries found" >&2; exit 1; }
+for isa in scalar avx2; do
+    for t in $engine_tests; do
+        (cd host/engine && REALM_ISA=$isa "$t" --test-threads 2)
+    done
+done
+
 step "realm serve end to end (real binary on a loopback port: curl, the openai client, load)"
 cargo build -p realm
 REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=${CARGO_TARGET_DIR:-target}/debug/realm scripts/test-serve.sh
