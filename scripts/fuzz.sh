@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every target of every cargo-fuzz project under host/*/fuzz for SECONDS each (default 30),
+# starting from the committed seed corpus. Fails (exit 1) when any target crashes, panics, leaks
+# or goes past libFuzzer's memory limit, printing the input that did it.
+#
+# Installs what it needs when absent: a nightly toolchain (sanitizers need it) and cargo-fuzz,
+# pinned. The first build of each project compiles it with sanitizer instrumentation into its own
+# fuzz/target/ (minutes); later runs reuse it. See docs/fuzzing.md.
+#
+#   scripts/fuzz.sh            # 30 s per target
+#   scripts/fuzz.sh 300        # 5 minutes per target
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS="${1:-30}"
+if ! [[ "$SECS" =~ ^[0-9]+$ ]] || [ "$SECS" -lt 1 ]; then
+    echo "usage: scripts/fuzz.sh [SECONDS per target]" >&2
+    exit 2
+fi
+CARGO_FUZZ_VERSION=0.13.2
+
+step() { printf '\n== %s ==\n' "$*" >&2; }
+
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    step "installing a nightly toolchain"
+    rustup toolchain install nightly --profile minimal
+fi
+if [ "$(cargo fuzz --version 2>/dev/null || true)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+    step "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+fi
+
+failed=()
+summary=()
+for dir in host/*/fuzz; do
+    [ -f "$dir/Cargo.toml" ] || continue
+    targets=$(cargo +nightly fuzz list --fuzz-dir "$dir")
+    step "build $dir ($(echo $targets))"
+    cargo +nightly fuzz build --fuzz-dir "$dir"
+    for target in $targets; do
+        step "fuzz $dir $target for ${SECS}s"
+        mkdir -p "$dir/corpus/$target"
+        log=$(mktemp)
+        artifacts="$dir/artifacts/$target"
+        mkdir -p "$artifacts"
+        before=$(find "$artifacts" -type f | wc -l)
+        set +e
+        cargo +nightly fuzz run --fuzz-dir "$dir" "$target" -- \
+            -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1
+        rc=$?
+        set -e
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+        summary+=("$dir $target: ${runs:-?} executions in ${SECS}s, exit $rc")
+        if [ "$rc" -ne 0 ] || [ "$(find "$artifacts" -type f | wc -l)" -ne "$before" ]; then
+            failed+=("$dir $target")
+            tail -n 60 "$log" >&2
+            for f in $(find "$artifacts" -type f -newer "$log"); do
+                echo "-- artifact $f ($(wc -c <"$f") bytes); reproduce with:" >&2
+                echo "   cargo +nightly fuzz run --fuzz-dir $dir $target $f" >&2
+                od -A x -t x1z "$f" | head -n 40 >&2
+            done
+        else
+            grep -E '^(#[0-9]+ +DONE|Done [0-9]+ runs)' "$log" | tail -n 1 >&2 || true
+        fi
+        rm -f "$log"
+    done
+done
+
+step "summary"
+printf '%s\n' "${summary[@]}" >&2
+if [ "${#failed[@]}" -ne 0 ]; then
+    echo "fuzzing found crashes in: ${failed[*]}" >&2
+    exit 1
+fi
