@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test of `realm serve`: starts the real binary on a loopback port, drives it with
-# curl (health, admin API, tenant auth, OpenAI-shaped errors, metrics, OpenAPI), stops it with
-# SIGTERM (graceful shutdown must exit 0), restarts it on the same data directory and checks that
-# the tenant and its key survived. With a model (REALM_TEST_MODEL, default: the tiny fixture model;
+# curl (health, admin API, tenant auth, OpenAI-shaped errors, metrics behind the admin token,
+# OpenAPI), stops it with SIGTERM (graceful shutdown must exit 0), restarts it on the same data
+# directory and checks that the tenant and its key survived. With a model (REALM_TEST_MODEL, default: the tiny fixture model;
 # empty = none) it also lists models and runs one chat completion, plain and streamed; and with
 # REALM_E2E_PYTHON (a Python that has the `openai` package: scripts/e2e-venv.sh makes one) it runs
 # tests/e2e/openai_client.py (the official client) and tests/e2e/load.py (concurrent streaming
@@ -54,7 +54,11 @@ id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$create
 [ "$(code -H "Authorization: Bearer $key" "$base/v1/usage")" = 200 ] || fail "tenant key"
 err=$(curl -s -H "Authorization: Bearer rk-bad" "$base/v1/usage")
 python3 -c 'import json,sys; e=json.load(sys.stdin)["error"]; assert e["type"]=="authentication_error", e' <<<"$err" || fail "error shape"
-curl -fsS "$base/metrics" | grep -q "realm_http_requests_total{tenant=\"$id\"" || fail metrics
+# /metrics names tenants: the admin token (or REALM_METRICS_TOKEN) opens it, nothing else does.
+[ "$(code "$base/metrics")" = 401 ] || fail "metrics without a token"
+[ "$(code -H "Authorization: Bearer $key" "$base/metrics")" = 401 ] || fail "metrics with a tenant key"
+curl -fsS -H "Authorization: Bearer $REALM_ADMIN_TOKEN" "$base/metrics" \
+    | grep -q "realm_http_requests_total{tenant=\"$id\"" || fail metrics
 curl -fsS "$base/openapi.json" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert "/admin/tenants" in d["paths"]' || fail openapi
 curl -fsS -D - -o /dev/null "$base/healthz" | grep -qi '^x-request-id:' || fail "request id"
 if [ -n "$model" ]; then

@@ -52,9 +52,16 @@ for isa in scalar avx2; do
     done
 done
 
+step "scripts/run.sh as the README says (fresh copy of the tree, no environment set)"
+# Builds the release binary (in the copy); the end-to-end steps below use it.
+scripts/test-run.sh
+release_bin=${CARGO_TARGET_DIR:-target}/fresh-run/target/release/realm
+
 step "realm serve end to end (real binary on a loopback port: curl, the openai client, load)"
-cargo build -p realm
-REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=${CARGO_TARGET_DIR:-target}/debug/realm scripts/test-serve.sh
+REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=$release_bin scripts/test-serve.sh
+
+step "hostile-tenant load test (200 streams from 10 tenants, one attacking; real binary)"
+REALM_E2E_PYTHON=$(scripts/e2e-venv.sh) REALM_BIN=$release_bin scripts/test-attack.sh
 
 step "guest SDK unit tests (host target)"
 CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo test --manifest-path guest-sdk/Cargo.toml

@@ -39,6 +39,8 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Models(#[from] crate::models::ModelError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 pub struct AppState {
@@ -57,8 +59,10 @@ pub type Shared = Arc<AppState>;
 
 impl AppState {
     /// Opens the data directory (database, guest blobs) and the guest runtime; loads no model
-    /// (see [`crate::models::Models::load_configured`]).
-    pub fn open(config: Config) -> Result<Shared, AppError> {
+    /// (see [`crate::models::Models::load_configured`]). Relative paths in `config` are resolved
+    /// against the current directory first.
+    pub fn open(mut config: Config) -> Result<Shared, AppError> {
+        config.make_paths_absolute()?;
         let dd = &config.data_dir;
         let io = |source| AppError::DataDir {
             path: dd.clone(),
@@ -73,7 +77,8 @@ impl AppState {
             tracing::info!(files = swept, "removed unreferenced or partial guest files");
         }
         let tenants = Directory::new(store.tenants()?);
-        let models = crate::models::Models::new(&dd.join("cache"))?;
+        let models =
+            crate::models::Models::new(&dd.join("cache"), config.limits.max_guest_instances)?;
         Ok(Arc::new(AppState {
             config,
             store,
@@ -166,6 +171,37 @@ fn record(s: &AppState, tenant: &Tenant, req: &Request, resp: &Response) {
         .inc();
 }
 
+/// `/metrics` names tenants (their ids) and their guests: it takes the metrics token, or the
+/// admin token.
+async fn metrics_auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let tokens: Vec<&str> = [&s.config.metrics_token, &s.config.admin_token]
+        .into_iter()
+        .filter_map(|t| t.as_deref())
+        .collect();
+    if tokens.is_empty() {
+        return ApiError::forbidden(
+            "/metrics is disabled: set REALM_METRICS_TOKEN (or metrics_token in the config) \
+             and scrape with `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    }
+    let Some(token) = auth::bearer(req.headers()) else {
+        return ApiError::unauthorized(
+            "missing metrics token: send it as `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    };
+    // Every candidate is compared (in constant time), so the answer's timing does not tell
+    // which one was close.
+    let ok = tokens
+        .iter()
+        .fold(false, |ok, t| auth::admin_token_matches(token, t) | ok);
+    if !ok {
+        return ApiError::unauthorized("invalid metrics token").into_response();
+    }
+    next.run(req).await
+}
+
 async fn admin_auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let Some(configured) = s.config.admin_token.as_deref() else {
         return ApiError::forbidden(
@@ -221,18 +257,54 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// Marks the answer to a health probe: orchestrators and `scripts/run.sh` poll these, so they are
+/// logged at DEBUG, not once per poll at INFO (or WARN for a 503 while models load).
+#[derive(Clone, Copy)]
+struct Probe;
+
+async fn healthz() -> Response {
+    let mut r = "ok".into_response();
+    r.extensions_mut().insert(Probe);
+    r
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "models are loaded"), (status = 503, description = "starting or stopping")))]
 pub async fn readyz(State(s): State<Shared>) -> Response {
-    if s.is_ready() {
+    let mut r = if s.is_ready() {
         "ready".into_response()
     } else {
         ApiError::unavailable("not ready: models are loading or the server is shutting down")
             .into_response()
+    };
+    r.extensions_mut().insert(Probe);
+    r
+}
+
+/// Logs a finished request: health probes at DEBUG, 5xx at WARN (most are expected states: 503
+/// while models load or during shutdown, 504 timeouts; internal errors are already logged at
+/// ERROR with their cause where they happen, in error.rs), everything else at INFO.
+fn log_response(resp: &Response, latency: Duration, _span: &tracing::Span) {
+    let latency_ms = latency.as_millis() as u64;
+    let status = resp.status().as_u16();
+    if resp.extensions().get::<Probe>().is_some() {
+        tracing::debug!(status, latency_ms, "finished processing request");
+    } else if resp.status().is_server_error() {
+        tracing::warn!(status, latency_ms, "finished processing request");
+    } else {
+        tracing::info!(status, latency_ms, "finished processing request");
+    }
+}
+
+/// A response body that failed mid-stream (a status-code failure is logged by [`log_response`]).
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    if let tower_http::classify::ServerErrorsFailureClass::Error(error) = class {
+        let latency_ms = latency.as_millis() as u64;
+        tracing::warn!(%error, latency_ms, "response failed");
     }
 }
 
@@ -292,7 +364,10 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(metrics).route_layer(from_fn_with_state(state.clone(), metrics_auth)),
+        )
         .route("/openapi.json", get(openapi::serve))
         .merge(tenant)
         .merge(admin)
@@ -313,11 +388,8 @@ pub fn router(state: Shared) -> Router {
                     .unwrap_or("");
                 tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path(), tenant = tracing::field::Empty)
             })
-            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO))
-            // tower-http calls every 5xx a failure; most of ours are expected states (503 while
-            // models load or during shutdown, 504 timeouts), and internal errors are already
-            // logged at ERROR with their cause where they happen (error.rs).
-            .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+            .on_response(log_response)
+            .on_failure(log_failure),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

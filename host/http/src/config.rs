@@ -7,6 +7,7 @@
 //! models = ["/models/gemma-3-270m-q4_k_m.gguf"]
 //! models_dir = "/models"           # every *.gguf inside is loaded too
 //! # admin_token = "..."            # prefer the REALM_ADMIN_TOKEN environment variable
+//! # metrics_token = "..."          # for /metrics; prefer REALM_METRICS_TOKEN
 //!
 //! [limits]
 //! max_body_bytes = 4194304
@@ -55,6 +56,9 @@ pub struct Config {
     pub models_dir: Option<PathBuf>,
     /// Bearer token for `/admin/*`. Without one the admin API answers 403 to everyone.
     pub admin_token: Option<String>,
+    /// Bearer token for `/metrics` (a scraper's credential, which need not open the admin API).
+    /// The admin token is accepted there too; with neither set, `/metrics` answers 403.
+    pub metrics_token: Option<String>,
     /// Model used when a request names none (default: the first loaded).
     pub default_model: Option<String>,
     /// CPU threads for the engine (0 = all cores).
@@ -91,6 +95,10 @@ pub struct Limits {
     pub max_n: u32,
     /// Largest `max_tokens` a request may ask for when its tenant's quota sets none.
     pub max_tokens: u32,
+    /// Guest instances alive at once across all tenants (every request runs in one; a tenant
+    /// may hold at most 16). Beyond it requests are answered 429. Each slot reserves address
+    /// space (not memory) for a guest's linear memory.
+    pub max_guest_instances: u32,
 }
 
 /// Settings of each model's engine loop.
@@ -118,6 +126,7 @@ impl Default for Limits {
             shutdown_grace_secs: 30,
             max_n: 8,
             max_tokens: 4096,
+            max_guest_instances: 256,
         }
     }
 }
@@ -130,6 +139,7 @@ impl Default for Config {
             models: Vec::new(),
             models_dir: None,
             admin_token: None,
+            metrics_token: None,
             default_model: None,
             threads: 0,
             log_format: LogFormat::Text,
@@ -168,21 +178,53 @@ impl Config {
                 "limits.max_guest_bytes must be at least 1024".into(),
             ));
         }
-        if l.request_timeout_secs == 0 || l.max_n == 0 || l.max_tokens == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.request_timeout_secs, max_n and max_tokens must be positive".into(),
-            ));
-        }
-        if let Some(t) = &self.admin_token
-            && t.len() < 16
+        if l.request_timeout_secs == 0
+            || l.max_n == 0
+            || l.max_tokens == 0
+            || l.max_guest_instances == 0
         {
             return Err(ConfigError::Invalid(
-                "the admin token must be at least 16 characters".into(),
+                "limits.request_timeout_secs, max_n, max_tokens and max_guest_instances must be \
+                 positive"
+                    .into(),
             ));
+        }
+        for (what, token) in [
+            ("admin", &self.admin_token),
+            ("metrics", &self.metrics_token),
+        ] {
+            if let Some(t) = token
+                && t.len() < 16
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "the {what} token must be at least 16 characters"
+                )));
+            }
         }
         self.tenant_defaults
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("tenant_defaults: {e}")))?;
+        Ok(())
+    }
+
+    /// Makes `data_dir`, `models` and `models_dir` absolute, resolving relative ones against the
+    /// current directory (as the process sees them now), so that nothing later depends on the
+    /// working directory; the guest runtime's compilation cache, for one, accepts only an
+    /// absolute path.
+    pub fn make_paths_absolute(&mut self) -> Result<(), ConfigError> {
+        let abs = |p: &Path| {
+            std::path::absolute(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        self.data_dir = abs(&self.data_dir)?;
+        for m in &mut self.models {
+            *m = abs(m)?;
+        }
+        if let Some(d) = &self.models_dir {
+            self.models_dir = Some(abs(d)?);
+        }
         Ok(())
     }
 
@@ -267,6 +309,34 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let mut c = Config {
+            models: vec!["models/m.gguf".into(), "/abs/n.gguf".into()],
+            models_dir: Some("models".into()),
+            ..Config::default()
+        };
+        assert!(c.data_dir.is_relative());
+        c.make_paths_absolute().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(c.data_dir, cwd.join("realm-data"));
+        assert_eq!(c.models[0], cwd.join("models/m.gguf"));
+        assert_eq!(c.models[1], Path::new("/abs/n.gguf"));
+        assert_eq!(c.models_dir.as_deref(), Some(cwd.join("models").as_path()));
+        // Serving a model under its file stem is unchanged by the resolution.
+        assert_eq!(model_name(&c.models[0]), "m");
+    }
+
+    #[test]
+    fn short_metrics_token_is_rejected() {
+        let c = Config {
+            metrics_token: Some("short".into()),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics token"), "{e}");
     }
 
     #[test]

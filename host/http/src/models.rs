@@ -70,9 +70,11 @@ pub fn guest_limits(q: &Quotas) -> GuestLimits {
 }
 
 impl Models {
-    pub fn new(cache_dir: &Path) -> Result<Models, ModelError> {
+    /// `max_instances`: guest instances alive at once across all tenants.
+    pub fn new(cache_dir: &Path, max_instances: u32) -> Result<Models, ModelError> {
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: Some(cache_dir.to_path_buf()),
+            max_instances,
             ..RuntimeConfig::default()
         })?;
         Ok(Models {

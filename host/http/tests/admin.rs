@@ -240,7 +240,17 @@ async fn metrics_and_openapi() {
     let h = Harness::new();
     let (id, key) = h.tenant("m", None).await;
     h.call("GET", "/v1/usage", Some(&key), None).await;
-    let r = h.call("GET", "/metrics", None, None).await;
+    // The scrape names tenants: it takes the admin token (or a metrics token), nothing else.
+    let e = h.call("GET", "/metrics", None, None).await.error(401);
+    assert!(
+        e["message"].as_str().unwrap().contains("metrics token"),
+        "{e}"
+    );
+    h.call("GET", "/metrics", Some(&key), None).await.error(401);
+    h.call("GET", "/metrics", Some("not-the-admin-token-000"), None)
+        .await
+        .error(401);
+    let r = h.call("GET", "/metrics", Some(ADMIN), None).await;
     assert_eq!(r.status, 200);
     let text = r.text();
     assert!(
@@ -249,6 +259,8 @@ async fn metrics_and_openapi() {
         )),
         "{text}"
     );
+    // A failed scrape is not a tenant request: it is not counted under any tenant.
+    assert!(!text.contains("endpoint=\"/metrics\""), "{text}");
     let r = h.call("GET", "/openapi.json", None, None).await;
     assert_eq!(r.status, 200);
     let doc = r.json();
@@ -293,4 +305,70 @@ async fn state_survives_restart() {
         .await
         .json();
     assert_eq!(t["quotas"]["max_sessions"], 3);
+}
+
+#[tokio::test]
+async fn metrics_token_opens_only_metrics() {
+    const SCRAPER: &str = "scraper-token-0123456789abcdef";
+    let h = Harness::with(|c| c.metrics_token = Some(SCRAPER.into()));
+    let r = h.call("GET", "/metrics", Some(SCRAPER), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().ends_with("# EOF\n"));
+    // The admin token still works there; the scraper's token opens nothing else.
+    assert_eq!(
+        h.call("GET", "/metrics", Some(ADMIN), None).await.status,
+        200
+    );
+    h.call("GET", "/admin/tenants", Some(SCRAPER), None)
+        .await
+        .error(401);
+
+    // With neither token configured, /metrics is closed to everyone, and says how to open it.
+    let h = Harness::with(|c| c.admin_token = None);
+    let e = h
+        .call("GET", "/metrics", Some(SCRAPER), None)
+        .await
+        .error(403);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("REALM_METRICS_TOKEN"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn relative_data_dir_is_resolved_against_the_current_directory() {
+    // The guest runtime's compilation cache accepts only an absolute directory; a relative
+    // data directory (the default, `realm-data`) must work all the same.
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let rel = pathdiff_relative(dir.path(), &cwd);
+    assert!(rel.is_relative(), "{}", rel.display());
+    let state = realm_http::AppState::open(realm_http::Config {
+        data_dir: rel.join("data"),
+        admin_token: Some(ADMIN.into()),
+        ..realm_http::Config::default()
+    })
+    .unwrap();
+    assert!(state.config.data_dir.is_absolute());
+    assert!(dir.path().join("data/realm.db").is_file());
+    // The guest runtime's cache was created there (it refused the relative path before).
+    assert!(dir.path().join("data/cache").is_dir());
+}
+
+/// `target` as a path relative to `base` (both absolute), with `..` components as needed.
+fn pathdiff_relative(target: &std::path::Path, base: &std::path::Path) -> std::path::PathBuf {
+    let t: Vec<_> = target.components().collect();
+    let b: Vec<_> = base.components().collect();
+    let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = std::path::PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    out
 }

@@ -108,7 +108,10 @@ async fn chat_completion_is_openai_shaped() {
     assert_eq!(usage["tokens_out"], 8, "{usage}");
 
     // The scrape shows this tenant's tokens and latencies, and the model's engine gauges.
-    let m = h.call("GET", "/metrics", None, None).await.text();
+    let m = h
+        .call("GET", "/metrics", Some(common::ADMIN), None)
+        .await
+        .text();
     let t = usage["tenant"].as_str().unwrap();
     for series in [
         format!("realm_tokens_total{{tenant=\"{t}\",model=\"tiny\",direction=\"out\"}} 8"),
@@ -623,7 +626,10 @@ async fn guests_are_invoked_listed_and_deleted() {
     let u = h.call("GET", "/v1/usage", Some(&key), None).await.json();
     assert!(u["guest_traps"].as_u64().unwrap() >= 1, "{u}");
     assert!(u["guest_cpu_us"].as_u64().unwrap() > 0, "{u}");
-    let metrics = h.call("GET", "/metrics", None, None).await.text();
+    let metrics = h
+        .call("GET", "/metrics", Some(common::ADMIN), None)
+        .await
+        .text();
     assert!(
         metrics.contains("realm_guest_cpu_seconds_total{"),
         "{metrics}"

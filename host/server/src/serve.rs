@@ -1,7 +1,8 @@
 //! `realm serve`: the HTTP service. Settings come from an optional TOML file (`--config`),
 //! overridden by flags, which clap also reads from `REALM_*` environment variables; the admin
 //! token is read from `REALM_ADMIN_TOKEN` (or the file) only, never from a flag, so that it does
-//! not show up in process listings.
+//! not show up in process listings; so is the metrics token (`REALM_METRICS_TOKEN`). Relative
+//! paths (flags or file) are resolved against the current directory at startup.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +19,8 @@ pub struct Args {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "REALM_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Directory for the database and uploaded guests [default: ./realm-data].
+    /// Directory for the database and uploaded guests [default: ./realm-data]; a relative path
+    /// is resolved against the current directory.
     #[arg(long, env = "REALM_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// A GGUF model to load (repeatable); served under its file stem.
@@ -90,6 +92,12 @@ pub fn config(a: Args) -> Result<Config> {
     {
         c.admin_token = Some(t);
     }
+    if let Ok(t) = std::env::var("REALM_METRICS_TOKEN")
+        && !t.is_empty()
+    {
+        c.metrics_token = Some(t);
+    }
+    c.make_paths_absolute()?;
     c.validate()?;
     Ok(c)
 }
@@ -118,6 +126,9 @@ pub fn run(a: Args) -> Result<()> {
     rt.block_on(async move {
         if c.admin_token.is_none() {
             tracing::warn!("no admin token (REALM_ADMIN_TOKEN): the admin API is disabled");
+        }
+        if c.admin_token.is_none() && c.metrics_token.is_none() {
+            tracing::warn!("no metrics or admin token (REALM_METRICS_TOKEN): /metrics is disabled");
         }
         let listen = c.listen;
         let state = realm_http::AppState::open(c).context("opening the data directory")?;
