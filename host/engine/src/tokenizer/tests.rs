@@ -622,3 +622,59 @@ fn partition_memory_does_not_grow_with_the_input() {
     let want = g.partition_reference(&text, true);
     assert_eq!(streamed(g, &text, true).0, want);
 }
+
+/// A small SentencePiece vocabulary: `<unk> <s> </s>`, the 256 byte tokens (when `bytes`), `▁`
+/// and `a`, under the model name `name`.
+fn tiny_spm(name: &str, bytes: bool) -> Tokenizer {
+    use crate::gguf::Value as GValue;
+    use crate::gguf::writer::{GgufWriter, f32_array, i32_array, string_array};
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    if bytes {
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        types.extend([6; 256]);
+    }
+    tokens.extend(["\u{2581}".to_string(), "a".to_string()]);
+    types.extend([1, 1]);
+    let mut w = GgufWriter::new();
+    w.set("general.name", GValue::String(name.into()))
+        .set("tokenizer.ggml.model", GValue::String("llama".into()))
+        .set("tokenizer.ggml.tokens", string_array(&tokens))
+        .set("tokenizer.ggml.scores", f32_array(&vec![0.0; tokens.len()]))
+        .set("tokenizer.ggml.token_type", i32_array(&types));
+    let mut out = Vec::new();
+    w.write_to(&mut out).unwrap();
+    Tokenizer::from_gguf(&GgufFile::from_bytes(out).unwrap()).unwrap()
+}
+
+#[test]
+fn no_byte_bound_where_tokens_swallow_or_drop_input() {
+    // Phi-3's special tokens strip the whitespace after them, so no byte bound holds; the same
+    // vocabulary under another name keeps it. Limits are honoured exactly either way.
+    let phi = tiny_spm("Phi-3-mini", true);
+    assert_eq!(phi.max_token_bytes(), usize::MAX);
+    let plain = tiny_spm("tiny", true);
+    assert_eq!(plain.max_token_bytes(), "<0x00>".len());
+    let text = format!("a</s>{}a", " ".repeat(100));
+    for tok in [&phi, &plain] {
+        let ids = tok.encode(&text, true, true);
+        for limit in [0, 1, ids.len() - 1, ids.len(), ids.len() + 5] {
+            let got = tok.encode_bounded(
+                &text,
+                true,
+                true,
+                &EncodeBudget {
+                    max_tokens: Some(limit),
+                    should_stop: None,
+                },
+            );
+            if ids.len() <= limit {
+                assert_eq!(got.as_ref(), Ok(&ids));
+            } else {
+                assert_eq!(got, Err(EncodeError::TooManyTokens { limit }));
+            }
+        }
+    }
+    // The spaces after `</s>` went into the token on Phi-3.
+    assert!(phi.encode(&text, false, true).len() < plain.encode(&text, false, true).len());
+}
