@@ -11,9 +11,9 @@ Two phases of DURATION seconds each, the same well-behaved load in both:
   each (below the per-tenant guest-instance cap of 16), each client sending one short streamed
   chat completion after another;
 - attack: the same, plus the attacker tenant (default quotas) with the rest of the STREAMS
-  concurrent clients: ATTACK_WORKERS of them loop over the attacks below, the others open more
-  concurrent streams than its instance cap allows, half of them with long prompts that hog the
-  KV pool.
+  concurrent clients: ATTACK_WORKERS of them loop over the attacks below, the others send rounds
+  of bursts of concurrent streams (far more than its instance cap of 16; every fourth with a
+  long prompt that hogs KV pages).
 
 The attacks (the hostile guest is guests/hostile): guest sampling with
 `penalty-last-n = u32::MAX`; guest `tokenize` of 15 MiB of prose and of 15 MiB of whitespace
@@ -75,6 +75,7 @@ class Phase:
         self.attacks = {}
         self.attacker_streams = {"ok": 0, "429": 0, "in_stream_error": 0, "other": 0}
         self.healthz = []
+        self.attacker_rounds = 0
 
     def count(self, who, status, what):
         self.status[status] = self.status.get(status, 0) + 1
@@ -202,42 +203,49 @@ ATTACKS = ["penalty-last-n-max", "tokenize-15MiB", "session-after-drop", "comple
 
 
 async def attack_worker(http, key, w, stop, ph):
+    """Loops over ATTACKS (worker w starts at its own offset) until stopped."""
     i = w * 3
     while not stop.is_set():
         await attack_step(http, key, ATTACKS[i % len(ATTACKS)], ph, stop)
         i += 1
 
 
-async def overcap_client(http, key, w, args, stop, ph):
-    """More concurrent streams than the attacker's instance cap; odd workers send long prompts
-    (thousands of tokens, to hog KV pages) and ask for many tokens."""
+async def overcap_stream(http, key, w, ph):
+    """One of a burst of more concurrent streams than the attacker's instance cap; every fourth
+    sends a long prompt (thousands of tokens, to hog KV pages)."""
     hdr = {"Authorization": f"Bearer {key}"}
-    long = w % 2 == 1
-    prompt = filler(12_000) if long else f"Count to {w}."
+    prompt = filler(12_000) if w % 4 == 1 else f"Count to {w}."
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32, "stream": True}
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=hdr) as r:
+            ph.count("attacker", r.status_code, "over-cap stream")
+            if r.status_code == 429:
+                ph.attacker_streams["429"] += 1
+                await r.aread()
+                return
+            if r.status_code != 200:
+                ph.attacker_streams["other"] += 1
+                await r.aread()
+                return
+            _, _, error, _ = await read_stream(r)
+            ph.attacker_streams["in_stream_error" if error else "ok"] += 1
+    except Exception:  # noqa: BLE001 - the attacker's own failures are not the test's
+        ph.attacker_streams["other"] += 1
+
+
+async def attacker_loop(http, key, args, stop, ph):
+    """The attack workers loop over the attacks (each holds one of the attacker's instances
+    while its attack runs); alongside, rounds of bursts of more concurrent streams than the
+    instance cap allows (the streams do not retry, so the attacks keep their instances)."""
+    n_attack = min(args.attack_workers, args.attacker_streams)
+    burst = args.attacker_streams - n_attack
+    workers = [asyncio.create_task(attack_worker(http, key, w, stop, ph))
+               for w in range(n_attack)]
+    await asyncio.sleep(0.5)
     while not stop.is_set():
-        body = {"messages": [{"role": "user", "content": prompt}],
-                "max_tokens": 64, "stream": True}
-        try:
-            async with http.stream("POST", "/v1/chat/completions", json=body, headers=hdr) as r:
-                ph.count("attacker", r.status_code, "over-cap stream")
-                if r.status_code == 429:
-                    ph.attacker_streams["429"] += 1
-                    await r.aread()
-                    # A hostile client ignores Retry-After; the pause only keeps this test's
-                    # own CPU use (on the server's machine) sane and leaves the attacks above
-                    # some of the attacker's rate budget.
-                    await asyncio.sleep(1.0)
-                    continue
-                if r.status_code != 200:
-                    ph.attacker_streams["other"] += 1
-                    await r.aread()
-                    await asyncio.sleep(0.1)
-                    continue
-                _, _, error, _ = await read_stream(r)
-                ph.attacker_streams["in_stream_error" if error else "ok"] += 1
-        except Exception:  # noqa: BLE001 - the attacker's own failures are not the test's
-            ph.attacker_streams["other"] += 1
-            await asyncio.sleep(0.1)
+        ph.attacker_rounds += 1
+        await asyncio.gather(*(overcap_stream(http, key, w, ph) for w in range(burst)))
+    await asyncio.gather(*workers)
 
 
 async def healthz_probe(http, stop, ph):
@@ -258,11 +266,7 @@ async def run_phase(http, name, good, attacker, args):
     stop = asyncio.Event()
     bg = [asyncio.create_task(healthz_probe(http, stop, ph))]
     if attacker is not None:
-        n_attack = min(args.attack_workers, args.attacker_streams)
-        bg += [asyncio.create_task(attack_worker(http, attacker, w, stop, ph))
-               for w in range(n_attack)]
-        bg += [asyncio.create_task(overcap_client(http, attacker, w, args, stop, ph))
-               for w in range(args.attacker_streams - n_attack)]
+        bg.append(asyncio.create_task(attacker_loop(http, attacker, args, stop, ph)))
     t0 = time.perf_counter()
     await asyncio.gather(*(good_client(http, key, tid, args, deadline, ph)
                            for tid, key in good for _ in range(args.good_per_tenant)))
@@ -290,7 +294,8 @@ def report(ph, args):
               f"(after {a['refused_429']} refusals with 429), slowest {a['max_s']:.1f} s; last "
               f"answer: {a['last']!r}", file=out)
     if ph.attacks or any(ph.attacker_streams.values()):
-        print(f"attack-load: [{ph.name}]   over-cap streams: {ph.attacker_streams}", file=out)
+        print(f"attack-load: [{ph.name}]   {ph.attacker_rounds} attacker rounds; over-cap "
+              f"streams: {ph.attacker_streams}", file=out)
     for d in ph.dropped[:10]:
         print(f"attack-load: [{ph.name}] dropped: {d}", file=out)
     for f in ph.five_xx[:10]:
@@ -304,6 +309,7 @@ def summary(ph):
         "ttft_ms": {p: round(pct(ph.ttft, p) * 1000, 1) for p in (50, 90, 99)},
         "healthz_max_ms": round(max((s for s, _ in ph.healthz), default=0) * 1000, 1),
         "attacks": ph.attacks, "attacker_streams": ph.attacker_streams, "status": ph.status,
+        "attacker_rounds": ph.attacker_rounds,
     }
 
 
