@@ -44,8 +44,25 @@ fn main() {
         .map(|t| t.join("realm-guests"))
         .unwrap_or_else(|| out.join("realm-guests"));
 
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    // Under rustup, the guests are built with the toolchain the repository pins
+    // (rust-toolchain.toml, which lists the wasm32-wasip2 target), whatever toolchain builds the
+    // host: `cargo +nightly fuzz` builds with a nightly that may lack the target. Through the
+    // rustup proxy with its override removed, the nested cargo picks the pinned toolchain from
+    // the guests' directory. Without rustup, the cargo that runs this script builds them.
+    let under_rustup = std::env::var_os("RUSTUP_TOOLCHAIN").is_some()
+        && Command::new("rustup")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let mut cmd = if under_rustup {
+        let mut c = Command::new("cargo");
+        c.env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC");
+        c
+    } else {
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    };
     cmd.current_dir(&guests)
         .args([
             "build",

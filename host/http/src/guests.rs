@@ -265,9 +265,11 @@ pub async fn invoke(
             .default_model(s.config.default_model.as_deref())
             .ok_or_else(|| ApiError::unavailable("no model is loaded"))?,
     };
+    // The instance slot before the first byte: over the limit is a 429, not an in-stream error.
+    let slots = crate::infer::reserve(&s, &t, 1)?;
     let mut call = crate::infer::Call::new(&s, &t, &name, &model);
     let (mut rx, calls) =
-        crate::infer::spawn_calls(&s, &t, &guest, &model, vec![input.to_string()]);
+        crate::infer::spawn_calls(&s, &t, &guest, &model, vec![input.to_string()], slots);
     let used = crate::app::ModelUsed(model);
     if stream {
         let st = crate::v1::async_stream(move |tx| async move {

@@ -13,7 +13,10 @@ use crate::error::ApiError;
 use crate::metrics::{GuestLabels, TenantModel, TokenLabels};
 use crate::models::guest_limits;
 use crate::store::{Tenant, UsageDelta};
-use realm_runtime::{Guest, GuestError, InvokeContext, LimitKind, RuntimeError};
+use realm_runtime::{Guest, GuestError, InstanceSlot, InvokeContext, LimitKind, RuntimeError};
+
+/// The most of a guest's trap message (its panic message, with the trap) a client is shown.
+const TRAP_MESSAGE_BYTES: usize = 8 << 10;
 
 /// Compiles (or fetches from the runtime's cache) the guest `name` as `tenant` sees it.
 pub async fn resolve_guest(s: &Shared, tenant: &Tenant, name: &str) -> Result<Guest, ApiError> {
@@ -68,15 +71,21 @@ pub fn guest_error(e: &GuestError) -> ApiError {
         GuestError::Trap(m) => ApiError::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             "guest_error",
-            format!("the guest trapped: {}", m.lines().next().unwrap_or("")),
+            format!(
+                "the guest trapped: {}",
+                truncate(m.trim(), TRAP_MESSAGE_BYTES)
+            ),
         )
         .code("guest_trap"),
+        GuestError::Fault(m) => {
+            ApiError::unprocessable(format!("the guest faulted: {m}")).code("guest_fault")
+        }
         GuestError::Limit { limit, detail } => match limit {
             LimitKind::WallClock => {
                 ApiError::timeout(format!("the guest ran out of wall-clock time: {detail}"))
             }
             LimitKind::Instances | LimitKind::Sessions => {
-                ApiError::rate_limited(format!("too many concurrent guest {limit}: {detail}"), 1)
+                ApiError::rate_limited(format!("guest {limit} limit reached: {detail}"), 1)
             }
             _ => ApiError::unprocessable(format!("the guest exceeded its {limit} limit: {detail}"))
                 .code("guest_limit"),
@@ -86,9 +95,22 @@ pub fn guest_error(e: &GuestError) -> ApiError {
     }
 }
 
+/// `s` cut to at most `n` bytes (at a character boundary), marked when cut.
+fn truncate(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        return s.to_string();
+    }
+    let mut i = n;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    format!("{} [... {} more bytes]", &s[..i], s.len() - i)
+}
+
 fn error_kind(e: &GuestError) -> &'static str {
     match e {
         GuestError::Trap(_) => "trap",
+        GuestError::Fault(_) => "fault",
         GuestError::Limit { .. } => "limit",
         GuestError::Guest(_) => "error",
         GuestError::Runtime(_) => "runtime",
@@ -205,7 +227,18 @@ impl Drop for Call {
     }
 }
 
-/// Runs `guest` once with `input`, streaming its text to `output`; returns its JSON response.
+/// Reserves `n` of the tenant's guest instance slots (all or none) before a request starts, so
+/// that its instance limit is a 429 with `Retry-After` rather than an error inside a stream.
+pub fn reserve(s: &Shared, tenant: &Tenant, n: usize) -> Result<Vec<InstanceSlot>, ApiError> {
+    let cap = guest_limits(&tenant.quotas).max_instances;
+    s.models
+        .runtime
+        .reserve(&tenant.id, cap, u32::try_from(n).unwrap_or(u32::MAX))
+        .map_err(|e| guest_error(&e))
+}
+
+/// Runs `guest` once with `input` (in `slot` if one was reserved), streaming its text to
+/// `output`; returns its JSON response.
 pub async fn invoke(
     s: &Shared,
     tenant: &Tenant,
@@ -213,6 +246,7 @@ pub async fn invoke(
     model: Option<String>,
     input: String,
     output: mpsc::UnboundedSender<String>,
+    slot: Option<InstanceSlot>,
 ) -> Result<String, GuestError> {
     let ctx = InvokeContext {
         tenant: tenant.id.clone(),
@@ -220,11 +254,11 @@ pub async fn invoke(
         default_model: model,
         allowed_models: None,
     };
-    let (result, cpu) = s
-        .models
-        .runtime
-        .invoke_metered(guest, ctx, input, output)
-        .await;
+    let rt = &s.models.runtime;
+    let (result, cpu) = match slot {
+        Some(slot) => rt.invoke_in_slot(slot, guest, ctx, input, output).await,
+        None => rt.invoke_metered(guest, ctx, input, output).await,
+    };
     // Recorded per call (not per request) so that `n` calls and failed calls are charged too.
     // A call aborted because its client went away is not charged (its task never gets here).
     let cpu_us = cpu.as_micros() as u64;
@@ -261,18 +295,21 @@ impl Drop for Calls {
     }
 }
 
-/// Starts `inputs.len()` guest calls concurrently; their text and results arrive on the
-/// returned channel tagged with their index.
+/// Starts `inputs.len()` guest calls concurrently, each in one of `slots` (taken with
+/// [`reserve`]); their text and results arrive on the returned channel tagged with their index.
 pub fn spawn_calls(
     s: &Shared,
     tenant: &Tenant,
     guest: &Guest,
     model: &str,
     inputs: Vec<String>,
+    slots: Vec<InstanceSlot>,
 ) -> (mpsc::UnboundedReceiver<Event>, Calls) {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut handles = Vec::new();
+    let mut slots = slots.into_iter();
     for (i, input) in inputs.into_iter().enumerate() {
+        let slot = slots.next();
         let (s, tenant, guest, model, tx) = (
             s.clone(),
             tenant.clone(),
@@ -288,7 +325,7 @@ pub fn spawn_calls(
                     let _ = fwd_tx.send(Event::Text(i, t));
                 }
             };
-            let run = invoke(&s, &tenant, &guest, Some(model), input, otx);
+            let run = invoke(&s, &tenant, &guest, Some(model), input, otx, slot);
             let (r, ()) = tokio::join!(run, forward);
             let r = r.and_then(|out| {
                 serde_json::from_str::<Value>(&out)

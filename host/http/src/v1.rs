@@ -164,6 +164,7 @@ fn prepare(
             .ok_or_else(|| ApiError::unavailable("no model is loaded"))?,
     };
     body.insert("model".into(), Value::String(model.clone()));
+    let info = s.models.runtime.model_info(&model);
 
     // Guest: the request's `guest` field, else the header, else the tenant's default.
     let guest = match body.remove("guest") {
@@ -231,6 +232,33 @@ fn prepare(
     }
     if matches!(body.get("logprobs"), Some(Value::Bool(true))) {
         return Err(bad("logprobs", "logprobs are not supported"));
+    }
+    if let Some(k) = opt_u64(&body, "top_logprobs")?
+        && k > 20
+    {
+        return Err(bad("top_logprobs", "top_logprobs must be between 0 and 20"));
+    }
+
+    // A prompt that cannot fit the model's context is refused before any guest tokenizes it:
+    // every token covers at most `max_token_bytes` bytes of text, so the text's length bounds
+    // its token count from below.
+    if let Some(info) = &info {
+        let (param, bytes) = match kind {
+            Kind::Chat => ("messages", body.get("messages").map_or(0, text_bytes)),
+            Kind::Completion => ("prompt", body.get("prompt").map_or(0, text_bytes)),
+        };
+        let at_least = bytes.div_ceil(info.max_token_bytes.max(1));
+        if at_least > info.n_ctx {
+            return Err(bad(
+                param,
+                format!(
+                    "This model's maximum context length is {} tokens. However, your prompt \
+                     has {bytes} bytes of text, which is at least {at_least} tokens.",
+                    info.n_ctx
+                ),
+            )
+            .code("context_length_exceeded"));
+        }
     }
 
     // n.
@@ -300,10 +328,21 @@ fn prepare(
         None | Some(Value::Null) => {}
         Some(Value::Object(m)) => {
             for (k, v) in m {
-                if k.parse::<u32>().is_err() {
+                let Ok(id) = k.parse::<u32>() else {
                     return Err(bad(
                         "logit_bias",
                         format!("logit_bias key {k:?} is not a token id"),
+                    ));
+                };
+                if let Some(info) = &info
+                    && id as usize >= info.n_vocab
+                {
+                    return Err(bad(
+                        "logit_bias",
+                        format!(
+                            "logit_bias names token {id}; the model's vocabulary has {} tokens",
+                            info.n_vocab
+                        ),
                     ));
                 }
                 if !v.as_f64().is_some_and(|b| (-100.0..=100.0).contains(&b)) {
@@ -375,6 +414,20 @@ fn prepare(
     })
 }
 
+/// Bytes of text in a prompt or a messages array (strings, and the `text` of content parts).
+fn text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(text_bytes).sum(),
+        Value::Object(o) => ["content", "text"]
+            .iter()
+            .filter_map(|k| o.get(*k))
+            .map(text_bytes)
+            .sum(),
+        _ => 0,
+    }
+}
+
 fn new_id(prefix: &str) -> String {
     crate::auth::new_id(prefix).replace('_', "-")
 }
@@ -433,6 +486,9 @@ async fn run_inner(
     let guest = infer::resolve_guest(s, t, &p.guest)
         .await
         .map_err(|e| (e, Some(model.clone())))?;
+    // The tenant's instance slots for every choice, before the first byte: over its limit is
+    // a 429 with Retry-After, never an error inside a 200 stream.
+    let slots = infer::reserve(s, t, p.inputs.len()).map_err(|e| (e, Some(model.clone())))?;
     let mut call = Call::new(s, t, &p.guest, &p.model);
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl"
@@ -441,7 +497,7 @@ async fn run_inner(
     });
     let created = crate::store::now();
     let n = p.inputs.len();
-    let (rx, calls) = infer::spawn_calls(s, t, &guest, &p.model, p.inputs);
+    let (rx, calls) = infer::spawn_calls(s, t, &guest, &p.model, p.inputs, slots);
     let mut resp = if p.stream {
         let stream = sse_stream(
             rx,

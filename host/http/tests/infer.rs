@@ -811,3 +811,207 @@ async fn a_client_that_disconnects_mid_stream_is_still_charged() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// More concurrent streaming requests than the tenant's instance limit: the extra ones are
+/// answered 429 with Retry-After before any stream starts; none is a 200 with an error inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_limit_is_a_429_before_the_stream() {
+    let (h, key) = with_model().await;
+    let r = upload(
+        &h,
+        &key,
+        "tb",
+        realm_runtime::builtin::TESTBED_WASM.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let cap = realm_runtime::GuestLimits::default().max_instances as usize;
+    // Each request holds its instance (sleeping, which is not CPU time) while the rest arrive.
+    let body = chat_body(json!({"guest": "tb", "op": "sleep", "ms": 2000, "stream": true}));
+    let replies = futures_util::future::join_all((0..cap + 6).map(|_| {
+        h.call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(body.clone()),
+        )
+    }))
+    .await;
+    let mut ok = 0;
+    let mut limited = 0;
+    for r in &replies {
+        match r.status.as_u16() {
+            200 => {
+                ok += 1;
+                let text = r.text();
+                assert!(
+                    !text.contains("\"error\""),
+                    "a 200 stream with an error: {text}"
+                );
+                assert!(text.contains("[DONE]"), "{text}");
+            }
+            429 => {
+                limited += 1;
+                let e = r.error(429);
+                assert_eq!(e["code"], "rate_limit_exceeded", "{e}");
+                let m = e["message"].as_str().unwrap();
+                assert_eq!(m.matches("instances").count(), 2, "{m}");
+                assert!(!m.contains("concurrent"), "{m}");
+                assert!(
+                    r.headers.contains_key(header::RETRY_AFTER),
+                    "{:?}",
+                    r.headers
+                );
+            }
+            s => panic!("unexpected status {s}: {}", r.text()),
+        }
+    }
+    assert!(ok >= 1 && ok <= cap, "{ok} streams ran; the limit is {cap}");
+    assert!(limited >= 6, "{limited} requests were refused");
+    // `n` choices take `n` slots at once: more than the limit is refused whole.
+    let e = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(
+                json!({"guest": "tb", "op": "echo", "text": "x", "n": cap + 1}),
+            )),
+        )
+        .await;
+    if e.status == 400 {
+        // The server's `max_n` is below the instance limit: that check came first.
+        assert_eq!(e.error(400)["param"], "n");
+    } else {
+        e.error(429);
+    }
+}
+
+/// A prompt that cannot fit the context is refused before any tokenization; logit-bias ids
+/// outside the vocabulary and absurd `top_logprobs` are refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_prompts_and_out_of_range_fields_are_refused() {
+    let (h, key) = with_model().await;
+    let info = h.state.models.runtime.model_info("tiny").unwrap();
+    let len = info.n_ctx * info.max_token_bytes.min(1 << 16) + 1;
+    if info.max_token_bytes < 1 << 16 {
+        let big = "a".repeat(len);
+        let e = h
+            .call(
+                "POST",
+                "/v1/chat/completions",
+                Some(&key),
+                Some(chat_body(
+                    json!({"messages": [{"role": "user", "content": big}]}),
+                )),
+            )
+            .await
+            .error(400);
+        assert_eq!(e["code"], "context_length_exceeded", "{e}");
+        assert_eq!(e["param"], "messages");
+        let e = h
+            .call(
+                "POST",
+                "/v1/completions",
+                Some(&key),
+                Some(json!({"model": "tiny", "prompt": [big]})),
+            )
+            .await
+            .error(400);
+        assert_eq!(e["code"], "context_length_exceeded", "{e}");
+        assert_eq!(e["param"], "prompt");
+    }
+    let e = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"logit_bias": {u32::MAX.to_string(): 1}}))),
+        )
+        .await
+        .error(400);
+    assert_eq!(e["param"], "logit_bias", "{e}");
+    let e = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({"top_logprobs": u32::MAX}))),
+        )
+        .await
+        .error(400);
+    assert_eq!(e["param"], "top_logprobs", "{e}");
+    // The server is fine: a normal request still works.
+    let r = h
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(chat_body(json!({}))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Handle misuse is the guest's fault (a 422 naming the handle), and a panicking guest's whole
+/// message reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_faults_and_panics_are_reported_whole() {
+    let (h, key) = with_model().await;
+    let r = upload(
+        &h,
+        &key,
+        "tb",
+        realm_runtime::builtin::TESTBED_WASM.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    for op in [
+        json!({"op": "probe", "handle": 77}),
+        json!({"op": "use-after-drop"}),
+        json!({"op": "model-as-session"}),
+    ] {
+        let e = h
+            .call(
+                "POST",
+                "/v1/guests/tb/invoke?model=tiny",
+                Some(&key),
+                Some(op.clone()),
+            )
+            .await
+            .error(422);
+        assert_eq!(e["code"], "guest_fault", "{op}: {e}");
+        let m = e["message"].as_str().unwrap();
+        assert!(m.contains("handle"), "{op}: {m}");
+        assert!(!m.contains("backtrace"), "{op}: {m}");
+    }
+    let e = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "panic", "message": "first line\nsecond line\nthird line"})),
+        )
+        .await
+        .error(500);
+    assert_eq!(e["code"], "guest_trap", "{e}");
+    let m = e["message"].as_str().unwrap();
+    for line in ["first line", "second line", "third line"] {
+        assert!(m.contains(line), "{m}");
+    }
+    // A huge panic message is cut, not passed on whole.
+    let e = h
+        .call(
+            "POST",
+            "/v1/guests/tb/invoke",
+            Some(&key),
+            Some(json!({"op": "panic", "message": "y".repeat(1 << 20)})),
+        )
+        .await
+        .error(500);
+    assert!(
+        e["message"].as_str().unwrap().len() < 16 << 10,
+        "{}",
+        e["message"].as_str().unwrap().len()
+    );
+}

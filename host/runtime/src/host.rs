@@ -1,19 +1,25 @@
 //! The store data of one guest call and the host side of the `realm:llm` interfaces.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use realm_engine::sample::{Sampler, SamplingParams, StopMatcher, TokenMask};
 use realm_engine::sched::{SchedError, Sequence};
 use realm_engine::template::ChatMessage;
-use realm_engine::tokenizer::StreamDecoder;
-use wasmtime::component::{Resource, ResourceTable};
+use realm_engine::tokenizer::{EncodeBudget, StreamDecoder};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{Resource, ResourceTable, ResourceTableError};
 use wasmtime::{Store, StoreContextMut, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::limits::{CpuMeter, LimitHit, LimitKind, LimitTrap, Limiter};
-use crate::{Guest, GuestError, Inner, InvokeContext, ModelEntry};
+use crate::{Guest, GuestError, Inner, InstanceSlot, InvokeContext, ModelEntry};
 
 pub mod bindings {
     wasmtime::component::bindgen!({
@@ -36,6 +42,91 @@ use bindings::realm::llm::types::{
 
 /// Stderr kept per call, for the message of a trap (a Rust panic prints there).
 const STDERR_CAPTURE: usize = 64 << 10;
+
+/// The most of a guest's stderr (its panic message) that a trap's message carries.
+const STDERR_IN_MESSAGE: usize = 4096;
+
+/// Host calls whose input is at most this many bytes (text, JSON) or tokens run inline on the
+/// executor: they take microseconds, and the hot per-token path stays free of thread hops.
+/// Larger ones run on the host-work threads, charged to the guest's CPU time.
+const INLINE_TEXT_BYTES: usize = 16 << 10;
+const INLINE_TOKENS: usize = 4096;
+/// `top-logprobs(k)` sorts `k` entries; a mask or bias list of more than this many bytes is
+/// built and applied off the executor.
+const INLINE_TOP_K: usize = 4096;
+const INLINE_SAMPLE_DATA: usize = 64 << 10;
+
+/// Stop strings one `generate` call may pass (after dropping duplicates and ones that cannot
+/// match); each costs a search per generated token.
+const MAX_STOP_STRINGS: usize = 64;
+
+/// The threads (permits) for host work off the executor: at most `total` jobs at once, and at
+/// most `per_tenant` of one tenant's, so that one tenant can neither exhaust tokio's blocking
+/// threads nor hold every permit.
+pub(crate) struct HostWork {
+    global: Arc<Semaphore>,
+    per_tenant: u32,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl HostWork {
+    pub(crate) fn new(threads: usize) -> HostWork {
+        let total = if threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            threads
+        }
+        .max(1);
+        HostWork {
+            global: Arc::new(Semaphore::new(total)),
+            per_tenant: (total / 2).max(1) as u32,
+            tenants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a permit of the tenant's and one of the pool's (waiting is not CPU time).
+    async fn acquire(&self, tenant: &str) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+        let mine = self
+            .tenants
+            .lock()
+            .expect("host work lock")
+            .entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant as usize)))
+            .clone();
+        // The semaphores are never closed.
+        let a = mine.acquire_owned().await.expect("semaphore open");
+        let b = self
+            .global
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        (a, b)
+    }
+}
+
+/// Sets a flag when dropped: tells host work still running on another thread that its call is
+/// gone (its wall-clock deadline passed or its caller went away).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A guest misusing the interface (see [`GuestError::Fault`]); recorded in the store so that
+/// the trap it causes is reported as that.
+#[derive(Debug)]
+struct FaultTrap(String);
+
+impl std::fmt::Display for FaultTrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FaultTrap {}
 
 /// A host call's failure: an error value for the guest, or a trap that ends the call.
 pub enum HostError {
@@ -98,6 +189,8 @@ pub struct HostState {
     limiter: Limiter,
     pub(crate) cpu: CpuMeter,
     limit_hit: Option<LimitHit>,
+    /// The interface misuse that ended the call, if one did.
+    fault: Option<String>,
     sessions: u32,
     handles: u32,
 }
@@ -116,6 +209,70 @@ impl HostState {
         let hit = LimitHit { kind, detail };
         self.limit_hit = Some(hit.clone());
         HostError::Trap(wasmtime::Error::new(LimitTrap(hit)))
+    }
+
+    fn cpu_limit(&mut self) -> HostError {
+        let used = self.cpu.used();
+        let cap = self.ctx.limits.cpu_time;
+        self.limit(
+            LimitKind::CpuTime,
+            format!(
+                "the guest ran for {} ms of CPU time (host calls included); the limit is {} ms",
+                used.as_millis(),
+                cap.as_millis()
+            ),
+        )
+    }
+
+    /// A handle the guest passed that does not name what it should.
+    fn bad_handle(&mut self, kind: &str, rep: u32, e: ResourceTableError) -> HostError {
+        let what = match e {
+            ResourceTableError::NotPresent => "does not exist (never given, or already dropped)",
+            ResourceTableError::WrongType => "names something else (a handle of another kind)",
+            ResourceTableError::HasChildren => "still has dependents",
+            ResourceTableError::Full => "cannot be stored: the handle table is full",
+        };
+        let msg = format!("{kind} handle (host index {rep}) {what}");
+        self.fault = Some(msg.clone());
+        HostError::Trap(wasmtime::Error::new(FaultTrap(msg)))
+    }
+
+    /// Runs `f` on a host-work thread, charged to this call's CPU time. `f` gets a `should_stop`
+    /// check (true once the call's CPU budget is spent or the call is gone) and returns `None`
+    /// when it stopped early; either ends the call with the CPU-time limit.
+    async fn offload<T, F>(&mut self, f: F) -> HResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&(dyn Fn() -> bool + Sync)) -> Option<T> + Send + 'static,
+    {
+        let cap = self.ctx.limits.cpu_time;
+        let left = cap.saturating_sub(self.cpu.used());
+        if left.is_zero() {
+            return Err(self.cpu_limit());
+        }
+        let permits = self.rt.host_work.acquire(&self.ctx.tenant).await;
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _cancel = CancelOnDrop(cancelled.clone());
+        let job = tokio::task::spawn_blocking(move || {
+            let _permits = permits;
+            let start = Instant::now();
+            let should_stop = move || cancelled.load(Ordering::Relaxed) || start.elapsed() > left;
+            let r = f(&should_stop);
+            (r, start.elapsed())
+        });
+        let (r, took) = match job.await {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(HostError::Trap(wasmtime::Error::msg(format!(
+                    "host work failed: {e}"
+                ))));
+            }
+        };
+        self.cpu.charge(took);
+        match r {
+            Some(v) if self.cpu.used() <= cap => Ok(v),
+            _ => Err(self.cpu_limit()),
+        }
     }
 
     fn check_data(&mut self, what: &str, bytes: usize) -> HResult<()> {
@@ -169,12 +326,18 @@ impl HostState {
         Ok(())
     }
 
-    fn model(&self, r: &Resource<ModelRes>) -> HResult<Arc<ModelEntry>> {
-        Ok(self.table.get(r).map_err(trap)?.entry.clone())
+    fn model(&mut self, r: &Resource<ModelRes>) -> HResult<Arc<ModelEntry>> {
+        match self.table.get(r) {
+            Ok(m) => Ok(m.entry.clone()),
+            Err(e) => Err(self.bad_handle("model", r.rep(), e)),
+        }
     }
 
     fn session(&mut self, r: &Resource<SessionRes>) -> HResult<&mut SessionRes> {
-        self.table.get_mut(r).map_err(trap)
+        if let Err(e) = self.table.get(r) {
+            return Err(self.bad_handle("session", r.rep(), e));
+        }
+        Ok(self.table.get_mut(r).expect("checked above"))
     }
 
     fn find_model(&self, name: &str) -> HResult<Arc<ModelEntry>> {
@@ -210,18 +373,44 @@ fn trap(e: impl std::error::Error + Send + Sync + 'static) -> HostError {
     HostError::Trap(wasmtime::Error::new(e))
 }
 
-fn sampling_params(p: &wit::SamplingParams) -> SamplingParams {
-    SamplingParams {
+/// The guest's sampling parameters, clamped to what the model can use: the penalty window to
+/// the context length, top-k to the vocabulary; logit-bias entries for tokens outside the
+/// vocabulary are dropped (they could never apply) and a list longer than the vocabulary
+/// (necessarily repeating tokens) is refused.
+fn sampling_params(p: &wit::SamplingParams, info: &crate::ModelInfo) -> HResult<SamplingParams> {
+    let logit_bias: Vec<(u32, f32)> = p
+        .logit_bias
+        .iter()
+        .filter(|b| (b.token as usize) < info.n_vocab)
+        .map(|b| (b.token, b.bias))
+        .collect();
+    if logit_bias.len() > info.n_vocab {
+        return invalid(format!(
+            "the logit bias lists {} entries; the vocabulary has {} tokens",
+            logit_bias.len(),
+            info.n_vocab
+        ));
+    }
+    Ok(SamplingParams {
         temperature: p.temperature,
-        top_k: p.top_k as usize,
+        top_k: (p.top_k as usize).min(info.n_vocab),
         top_p: p.top_p,
         min_p: p.min_p,
         repeat_penalty: p.repeat_penalty,
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
-        penalty_last_n: p.penalty_last_n as usize,
+        penalty_last_n: (p.penalty_last_n as usize).min(info.n_ctx),
         seed: p.seed,
-        logit_bias: p.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
+        logit_bias,
+    })
+}
+
+/// Bytes a token mask occupies in a host call.
+fn mask_bytes(mask: &Option<wit::TokenMask>) -> usize {
+    match mask {
+        Some(wit::TokenMask::Allow(v) | wit::TokenMask::Deny(v)) => v.len() * 4,
+        Some(wit::TokenMask::Bits(v)) => v.len() * 8,
+        None => 0,
     }
 }
 
@@ -248,7 +437,8 @@ fn token_mask(m: &wit::TokenMask, n_vocab: usize) -> HResult<TokenMask> {
         }
         wit::TokenMask::Bits(words) => {
             let mut mask = TokenMask::new(n_vocab);
-            for (w, &bits) in words.iter().enumerate() {
+            // Words past the vocabulary's end count for nothing.
+            for (w, &bits) in words.iter().take(n_vocab.div_ceil(64)).enumerate() {
                 let mut b = bits;
                 while b != 0 {
                     let i = w * 64 + b.trailing_zeros() as usize;
@@ -265,24 +455,20 @@ fn token_mask(m: &wit::TokenMask, n_vocab: usize) -> HResult<TokenMask> {
 
 impl SessionRes {
     /// The logits after the last token, recomputing them after a truncation.
-    async fn ensure_logits(&mut self, cpu: &CpuMeter) -> HResult<&[f32]> {
+    async fn ensure_logits(&mut self) -> HResult<&[f32]> {
         if self.logits.is_none() {
             let Some(&last) = self.tokens.last() else {
                 return invalid("the session is empty: feed tokens before sampling");
             };
             let n = self.tokens.len();
-            cpu.pause();
-            let r = async {
-                self.seq.truncate(n - 1).await?;
-                self.seq.feed(vec![last], true).await
-            }
-            .await;
-            cpu.resume();
-            self.logits = r?;
+            self.seq.truncate(n - 1).await?;
+            self.logits = self.seq.feed(vec![last], true).await?;
         }
         Ok(self.logits.as_deref().expect("logits present"))
     }
 
+    /// The session's sampler for `params` (rebuilt, with the penalty history, when they change).
+    /// `params` are clamped ([`sampling_params`]): the history is at most the context.
     fn sampler(&mut self, params: SamplingParams) -> &mut Sampler {
         if self.sampler.as_ref().is_none_or(|s| *s.params() != params) {
             let mut s = Sampler::new(params);
@@ -295,7 +481,7 @@ impl SessionRes {
         self.sampler.as_mut().expect("sampler present")
     }
 
-    async fn feed(&mut self, tokens: Vec<u32>, cpu: &CpuMeter) -> HResult<()> {
+    async fn feed(&mut self, tokens: Vec<u32>) -> HResult<()> {
         if tokens.is_empty() {
             return Ok(());
         }
@@ -308,10 +494,7 @@ impl SessionRes {
             ))));
         }
         self.logits = None;
-        cpu.pause();
-        let r = self.seq.feed(tokens.clone(), true).await;
-        cpu.resume();
-        let logits = r?;
+        let logits = self.seq.feed(tokens.clone(), true).await?;
         if let Some(s) = &mut self.sampler {
             for &t in &tokens {
                 s.accept(t);
@@ -321,6 +504,58 @@ impl SessionRes {
         self.logits = logits;
         Ok(())
     }
+}
+
+/// Renders a chat template as `apply-chat-template` does.
+fn render_template(
+    e: &ModelEntry,
+    messages: &str,
+    tools: Option<&str>,
+    add_generation_prompt: bool,
+) -> Result<String, wit::Error> {
+    let Some(template) = &e.template else {
+        return Err(wit::Error::Invalid(format!(
+            "model {:?} has no usable chat template: {}",
+            e.info.name,
+            e.template_error.as_deref().unwrap_or("none found")
+        )));
+    };
+    let messages: Vec<ChatMessage> = serde_json::from_str(messages).map_err(|err| {
+        wit::Error::Invalid(format!("messages are not a JSON array of messages: {err}"))
+    })?;
+    let tools: Option<serde_json::Value> = match tools.map(serde_json::from_str) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(err)) => return Err(wit::Error::Invalid(format!("tools are not JSON: {err}"))),
+    };
+    let text = template
+        .render(&messages, tools.as_ref(), add_generation_prompt)
+        .map_err(|err| wit::Error::Invalid(err.to_string()))?;
+    // As llama.cpp does: the tokenizer adds BOS itself, so the template's is dropped.
+    Ok(if e.tokenizer.bos().is_some() && e.tokenizer.add_bos() {
+        template.strip_bos(&text).to_string()
+    } else {
+        text
+    })
+}
+
+/// The stop strings of a `generate` call that can take effect: empty and repeated ones dropped,
+/// and ones longer than the most text the call can produce (`max_text` bytes), which can never
+/// match; more than [`MAX_STOP_STRINGS`] left is refused.
+fn stop_strings(stops: &[String], max_text: usize) -> HResult<Vec<String>> {
+    let mut v: Vec<&String> = stops
+        .iter()
+        .filter(|s| !s.is_empty() && s.len() <= max_text)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    if v.len() > MAX_STOP_STRINGS {
+        return invalid(format!(
+            "{} distinct stop strings; at most {MAX_STOP_STRINGS} are allowed",
+            v.len()
+        ));
+    }
+    Ok(v.into_iter().cloned().collect())
 }
 
 impl bindings::realm::llm::types::Host for HostState {
@@ -400,7 +635,21 @@ impl bindings::realm::llm::llm::HostModel for HostState {
     ) -> HResult<Vec<u32>> {
         self.check_data("tokenize text", text.len())?;
         let e = self.model(&m)?;
-        Ok(e.tokenizer.encode(&text, add_special, parse_special))
+        if text.len() <= INLINE_TEXT_BYTES {
+            return Ok(e.tokenizer.encode(&text, add_special, parse_special));
+        }
+        // Stops (and the call fails with the CPU-time limit) once the guest's CPU budget is
+        // spent; its output is at most a token per byte of input.
+        self.offload(move |should_stop| {
+            let budget = EncodeBudget {
+                max_tokens: None,
+                should_stop: Some(should_stop),
+            };
+            e.tokenizer
+                .encode_bounded(&text, add_special, parse_special, &budget)
+                .ok()
+        })
+        .await
     }
 
     async fn detokenize(&mut self, m: Resource<ModelRes>, tokens: Vec<u32>) -> HResult<String> {
@@ -409,7 +658,33 @@ impl bindings::realm::llm::llm::HostModel for HostState {
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= e.info.n_vocab) {
             return invalid(format!("token {t} is out of range"));
         }
-        Ok(e.tokenizer.decode(&tokens))
+        if tokens.len() <= INLINE_TOKENS {
+            return Ok(e.tokenizer.decode(&tokens));
+        }
+        // The text is at most the sum of the tokens' pieces: refused before decoding when that
+        // is past the host-data limit (which applies to what a call returns as well).
+        let cap = self.ctx.limits.max_host_data_bytes;
+        let r = self
+            .offload(move |should_stop| {
+                let mut bytes = 0usize;
+                for (i, &t) in tokens.iter().enumerate() {
+                    bytes += e.tokenizer.piece(t).len();
+                    if i % 4096 == 0 && should_stop() {
+                        return None;
+                    }
+                }
+                if bytes > cap {
+                    return Some(Err(bytes));
+                }
+                Some(Ok(e.tokenizer.decode(&tokens)))
+            })
+            .await?;
+        r.map_err(|bytes| {
+            self.limit(
+                LimitKind::HostData,
+                format!("detokenize would return up to {bytes} bytes; the limit is {cap}"),
+            )
+        })
     }
 
     async fn token_bytes(&mut self, m: Resource<ModelRes>, token: u32) -> HResult<Vec<u8>> {
@@ -422,9 +697,16 @@ impl bindings::realm::llm::llm::HostModel for HostState {
 
     async fn vocab(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<Vec<Vec<u8>>> {
         let e = self.model(&m).map_err(into_trap)?;
-        Ok((0..e.info.n_vocab as u32)
-            .map(|t| e.tokenizer.piece(t))
-            .collect())
+        // A vocabulary's worth of pieces (262k for Gemma 3): off the executor.
+        self.offload(move |_| {
+            Some(
+                (0..e.info.n_vocab as u32)
+                    .map(|t| e.tokenizer.piece(t))
+                    .collect(),
+            )
+        })
+        .await
+        .map_err(into_trap)
     }
 
     async fn apply_chat_template(
@@ -434,49 +716,30 @@ impl bindings::realm::llm::llm::HostModel for HostState {
         tools: Option<String>,
         add_generation_prompt: bool,
     ) -> HResult<String> {
-        self.check_data(
-            "chat messages",
-            messages.len() + tools.as_ref().map_or(0, |t| t.len()),
-        )?;
+        let size = messages.len() + tools.as_ref().map_or(0, |t| t.len());
+        self.check_data("chat messages", size)?;
         let e = self.model(&m)?;
-        let Some(template) = &e.template else {
-            return invalid(format!(
-                "model {:?} has no usable chat template: {}",
-                e.info.name,
-                e.template_error.as_deref().unwrap_or("none found")
-            ));
-        };
-        let messages: Vec<ChatMessage> = match serde_json::from_str(&messages) {
-            Ok(m) => m,
-            Err(err) => {
-                return invalid(format!("messages are not a JSON array of messages: {err}"));
-            }
-        };
-        let tools: Option<serde_json::Value> = match tools.map(|t| serde_json::from_str(&t)) {
-            None => None,
-            Some(Ok(v)) => Some(v),
-            Some(Err(err)) => return invalid(format!("tools are not JSON: {err}")),
-        };
-        let text = template
-            .render(&messages, tools.as_ref(), add_generation_prompt)
-            .map_err(|err| HostError::Guest(wit::Error::Invalid(err.to_string())))?;
-        // As llama.cpp does: the tokenizer adds BOS itself, so the template's is dropped.
-        Ok(if e.tokenizer.bos().is_some() && e.tokenizer.add_bos() {
-            template.strip_bos(&text).to_string()
+        let r = if size <= INLINE_TEXT_BYTES {
+            render_template(&e, &messages, tools.as_deref(), add_generation_prompt)
         } else {
-            text
-        })
+            self.offload(move |_| {
+                Some(render_template(
+                    &e,
+                    &messages,
+                    tools.as_deref(),
+                    add_generation_prompt,
+                ))
+            })
+            .await?
+        };
+        r.map_err(HostError::Guest)
     }
 
     async fn new_session(&mut self, m: Resource<ModelRes>) -> HResult<Resource<SessionRes>> {
         let entry = self.model(&m)?;
         self.take_session()?;
         let tenant = self.ctx.tenant.clone();
-        let cpu = self.cpu.clone();
-        cpu.pause();
-        let r = entry.engine.open(&tenant).await;
-        cpu.resume();
-        let seq = match r {
+        let seq = match entry.engine.open(&tenant).await {
             Ok(s) => s,
             Err(e) => {
                 self.sessions -= 1;
@@ -496,7 +759,10 @@ impl bindings::realm::llm::llm::HostModel for HostState {
     }
 
     async fn drop(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<()> {
-        self.table.delete(m)?;
+        let rep = m.rep();
+        if let Err(e) = self.table.delete(m) {
+            return Err(into_trap(self.bad_handle("model", rep, e)));
+        }
         self.handles -= 1;
         Ok(())
     }
@@ -505,8 +771,7 @@ impl bindings::realm::llm::llm::HostModel for HostState {
 impl bindings::realm::llm::llm::HostSession for HostState {
     async fn feed(&mut self, s: Resource<SessionRes>, tokens: Vec<u32>) -> HResult<()> {
         self.check_data("feed tokens", tokens.len() * 4)?;
-        let cpu = self.cpu.clone();
-        self.session(&s)?.feed(tokens, &cpu).await
+        self.session(&s)?.feed(tokens).await
     }
 
     async fn sample(
@@ -515,30 +780,46 @@ impl bindings::realm::llm::llm::HostSession for HostState {
         params: wit::SamplingParams,
         mask: Option<wit::TokenMask>,
     ) -> HResult<u32> {
-        let data = params.logit_bias.len() * 8
-            + match &mask {
-                Some(wit::TokenMask::Allow(v) | wit::TokenMask::Deny(v)) => v.len() * 4,
-                Some(wit::TokenMask::Bits(v)) => v.len() * 8,
-                None => 0,
-            };
+        let data = params.logit_bias.len() * 8 + mask_bytes(&mask);
         self.check_data("sampling parameters and mask", data)?;
-        let cpu = self.cpu.clone();
         let sess = self.session(&s)?;
-        let n_vocab = sess.entry.info.n_vocab;
-        let mask = mask.map(|m| token_mask(&m, n_vocab)).transpose()?;
-        let params = sampling_params(&params);
-        sess.ensure_logits(&cpu).await?;
-        // Taken out for the call so that the sampler (also in the session) can be borrowed.
+        let entry = sess.entry.clone();
+        let n_vocab = entry.info.n_vocab;
+        let params = sampling_params(&params, &entry.info)?;
+        sess.ensure_logits().await?;
+        let bad = |e: realm_engine::sample::SampleError| wit::Error::Invalid(e.to_string());
+        if data <= INLINE_SAMPLE_DATA {
+            let mask = mask.map(|m| token_mask(&m, n_vocab)).transpose()?;
+            // Taken out for the call so that the sampler (also in the session) can be borrowed.
+            let logits = sess.logits.take().expect("logits present");
+            let r = sess.sampler(params).sample(&logits, mask.as_ref());
+            sess.logits = Some(logits);
+            return r.map_err(|e| HostError::Guest(bad(e)));
+        }
+        // A large mask or bias list: built and applied on a host-work thread.
+        sess.sampler(params);
+        let mut sampler = sess.sampler.take().expect("sampler present");
         let logits = sess.logits.take().expect("logits present");
-        let r = sess.sampler(params).sample(&logits, mask.as_ref());
+        let (sampler, logits, r) = self
+            .offload(move |_| {
+                let r = match mask.map(|m| token_mask(&m, n_vocab)).transpose() {
+                    Ok(mask) => sampler
+                        .sample(&logits, mask.as_ref())
+                        .map_err(|e| HostError::Guest(bad(e))),
+                    Err(e) => Err(e),
+                };
+                Some((sampler, logits, r))
+            })
+            .await?;
+        let sess = self.session(&s)?;
+        sess.sampler = Some(sampler);
         sess.logits = Some(logits);
-        r.map_err(|e| HostError::Guest(wit::Error::Invalid(e.to_string())))
+        r
     }
 
     async fn logprob(&mut self, s: Resource<SessionRes>, token: u32) -> HResult<f32> {
-        let cpu = self.cpu.clone();
         let sess = self.session(&s)?;
-        let logits = sess.ensure_logits(&cpu).await?;
+        let logits = sess.ensure_logits().await?;
         let Some(&x) = logits.get(token as usize) else {
             return invalid(format!("token {token} is out of range"));
         };
@@ -550,29 +831,38 @@ impl bindings::realm::llm::llm::HostSession for HostState {
         s: Resource<SessionRes>,
         k: u32,
     ) -> HResult<Vec<TokenLogprob>> {
-        let cpu = self.cpu.clone();
         let sess = self.session(&s)?;
-        let logits = sess.ensure_logits(&cpu).await?;
-        Ok(Sampler::top_logprobs(logits, k as usize)
-            .into_iter()
-            .map(|(token, logprob)| TokenLogprob { token, logprob })
-            .collect())
+        let k = (k as usize).min(sess.entry.info.n_vocab);
+        let to_wit = |v: Vec<(u32, f32)>| -> Vec<TokenLogprob> {
+            v.into_iter()
+                .map(|(token, logprob)| TokenLogprob { token, logprob })
+                .collect()
+        };
+        let logits = sess.ensure_logits().await?;
+        if k <= INLINE_TOP_K {
+            return Ok(to_wit(Sampler::top_logprobs(logits, k)));
+        }
+        let logits = sess.logits.take().expect("logits present");
+        let (logits, top) = self
+            .offload(move |_| {
+                let top = Sampler::top_logprobs(&logits, k);
+                Some((logits, top))
+            })
+            .await?;
+        self.session(&s)?.logits = Some(logits);
+        Ok(to_wit(top))
     }
 
     async fn logits(&mut self, s: Resource<SessionRes>) -> HResult<Vec<f32>> {
-        let cpu = self.cpu.clone();
         let sess = self.session(&s)?;
-        Ok(sess.ensure_logits(&cpu).await?.to_vec())
+        Ok(sess.ensure_logits().await?.to_vec())
     }
 
     async fn fork(&mut self, s: Resource<SessionRes>) -> HResult<Resource<SessionRes>> {
+        self.session(&s)?;
         self.take_session()?;
-        let cpu = self.cpu.clone();
         let sess = self.session(&s)?;
-        cpu.pause();
-        let r = sess.seq.fork().await;
-        cpu.resume();
-        let seq = match r {
+        let seq = match sess.seq.fork().await {
             Ok(seq) => seq,
             Err(e) => {
                 self.sessions -= 1;
@@ -591,7 +881,6 @@ impl bindings::realm::llm::llm::HostSession for HostState {
     }
 
     async fn truncate(&mut self, s: Resource<SessionRes>, len: u32) -> HResult<()> {
-        let cpu = self.cpu.clone();
         let sess = self.session(&s)?;
         let len = len as usize;
         if len > sess.tokens.len() {
@@ -603,10 +892,7 @@ impl bindings::realm::llm::llm::HostSession for HostState {
         if len == sess.tokens.len() {
             return Ok(());
         }
-        cpu.pause();
-        let r = sess.seq.truncate(len).await;
-        cpu.resume();
-        r?;
+        sess.seq.truncate(len).await?;
         sess.tokens.truncate(len);
         sess.logits = None;
         sess.sampler = None;
@@ -629,9 +915,16 @@ impl bindings::realm::llm::llm::HostSession for HostState {
         let data = params.sampling.logit_bias.len() * 8
             + params.stop.iter().map(|s| s.len()).sum::<usize>();
         self.check_data("generate parameters", data)?;
-        let cpu = self.cpu.clone();
-        let sampling = sampling_params(&params.sampling);
-        let mut stop = StopMatcher::new(&params.stop);
+        let sess = self.session(&s)?;
+        let entry = sess.entry.clone();
+        let sampling = sampling_params(&params.sampling, &entry.info)?;
+        // What the session can still hold bounds the loop and the text it can produce (a
+        // token decodes to at most its longest piece plus a leading space).
+        let room = entry.info.n_ctx.saturating_sub(sess.tokens.len());
+        let max_tokens = (params.max_tokens as usize).min(room);
+        let max_text = max_tokens.saturating_mul(entry.info.max_token_bytes.saturating_add(1));
+        let stops = stop_strings(&params.stop, max_text)?;
+        let mut stop = StopMatcher::new(&stops);
         let mut decoder = StreamDecoder::new();
         let mut out = Generation {
             text: String::new(),
@@ -640,12 +933,10 @@ impl bindings::realm::llm::llm::HostSession for HostState {
         };
         loop {
             let sess = self.session(&s)?;
-            if out.tokens.len() as u32 >= params.max_tokens
-                || sess.tokens.len() >= sess.entry.info.n_ctx
-            {
+            if out.tokens.len() >= max_tokens || sess.tokens.len() >= sess.entry.info.n_ctx {
                 break;
             }
-            sess.ensure_logits(&cpu).await?;
+            sess.ensure_logits().await?;
             let logits = sess.logits.take().expect("logits present");
             let tok = sess
                 .sampler(sampling.clone())
@@ -662,7 +953,7 @@ impl bindings::realm::llm::llm::HostSession for HostState {
             let o = stop.push(&piece);
             let stopped = o.stopped;
             if !stopped {
-                sess.feed(vec![tok], &cpu).await?;
+                sess.feed(vec![tok]).await?;
             }
             out.text.push_str(&o.emit);
             if params.stream {
@@ -687,7 +978,10 @@ impl bindings::realm::llm::llm::HostSession for HostState {
 
     async fn drop(&mut self, s: Resource<SessionRes>) -> wasmtime::Result<()> {
         // Dropping the sequence frees its KV pages in the engine right away.
-        self.table.delete(s)?;
+        let rep = s.rep();
+        if let Err(e) = self.table.delete(s) {
+            return Err(into_trap(self.bad_handle("session", rep, e)));
+        }
         self.sessions -= 1;
         self.handles -= 1;
         Ok(())
@@ -724,6 +1018,7 @@ fn new_store(
         },
         cpu: CpuMeter::new(),
         limit_hit: None,
+        fault: None,
         sessions: 0,
         handles: 0,
     };
@@ -760,42 +1055,6 @@ fn new_store(
     store
 }
 
-/// Reserves one of the tenant's instance slots for the life of the guard.
-struct InstanceSlot {
-    rt: Arc<Inner>,
-    tenant: String,
-}
-
-impl InstanceSlot {
-    fn take(rt: &Arc<Inner>, tenant: &str, cap: u32) -> Result<InstanceSlot, GuestError> {
-        let mut m = rt.instances.lock().expect("instances lock");
-        let n = m.entry(tenant.to_string()).or_insert(0);
-        if *n >= cap {
-            return Err(GuestError::Limit {
-                limit: LimitKind::Instances,
-                detail: format!("tenant {tenant:?} already runs {cap} guest instances"),
-            });
-        }
-        *n += 1;
-        Ok(InstanceSlot {
-            rt: rt.clone(),
-            tenant: tenant.to_string(),
-        })
-    }
-}
-
-impl Drop for InstanceSlot {
-    fn drop(&mut self) {
-        let mut m = self.rt.instances.lock().expect("instances lock");
-        if let Some(n) = m.get_mut(&self.tenant) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.tenant);
-            }
-        }
-    }
-}
-
 /// Turns a failed call into the error the caller sees.
 fn classify(store: &Store<HostState>, err: wasmtime::Error) -> GuestError {
     let s = store.data();
@@ -811,6 +1070,18 @@ fn classify(store: &Store<HostState>, err: wasmtime::Error) -> GuestError {
             detail: t.0.detail.clone(),
         };
     }
+    if let Some(f) = &s.fault {
+        return GuestError::Fault(f.clone());
+    }
+    // Handles the component model itself refuses while lifting a call's arguments (an index
+    // the guest's table does not hold, one of another resource type, ...).
+    if let Some(m) = err
+        .chain()
+        .map(|c| c.to_string())
+        .find(|m| HANDLE_ERRORS.iter().any(|h| m.contains(h)))
+    {
+        return GuestError::Fault(format!("the guest passed a bad handle: {m}"));
+    }
     let stderr = String::from_utf8_lossy(&s.stderr.contents())
         .trim()
         .to_string();
@@ -822,19 +1093,33 @@ fn classify(store: &Store<HostState>, err: wasmtime::Error) -> GuestError {
         Some(t) => {
             let mut msg = t.to_string();
             if !stderr.is_empty() {
-                msg = format!("{msg}; guest stderr: {}", tail(&stderr, 2000));
+                msg = format!("{msg}; guest stderr: {}", tail(&stderr, STDERR_IN_MESSAGE));
             }
             GuestError::Trap(msg)
         }
         None => {
-            let mut msg = format!("{err:#}");
+            // The root cause, without wasmtime's backtrace context.
+            let mut msg = err.root_cause().to_string();
             if !stderr.is_empty() {
-                msg = format!("{msg}; guest stderr: {}", tail(&stderr, 2000));
+                msg = format!("{msg}; guest stderr: {}", tail(&stderr, STDERR_IN_MESSAGE));
             }
             GuestError::Trap(msg)
         }
     }
 }
+
+/// What wasmtime says when a guest passes a handle its table does not hold as it should.
+const HANDLE_ERRORS: [&str; 9] = [
+    "unknown handle index",
+    "used with the wrong type",
+    "resource type mismatch",
+    "host resource already consumed",
+    "host-owned resource was already de-allocated",
+    "is not a resource",
+    "is not an own resource",
+    "cannot remove owned resource while borrowed",
+    "cannot lift own resource from a borrow",
+];
 
 fn tail(s: &str, n: usize) -> &str {
     if s.len() <= n {
@@ -854,23 +1139,38 @@ fn wall_clock_error(d: Duration) -> GuestError {
     }
 }
 
+/// A future whose polls are the guest's CPU time: the meter runs while it is being polled and
+/// stops whenever it returns (finished, or waiting for the engine, a timer, a yield, a
+/// host-work thread).
+struct Metered<F> {
+    inner: Pin<Box<F>>,
+    meter: CpuMeter,
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.meter.resume();
+        let r = self.inner.as_mut().poll(cx);
+        self.meter.pause();
+        r
+    }
+}
+
 pub(crate) async fn invoke(
     rt: &Arc<Inner>,
+    _slot: InstanceSlot,
     guest: &Guest,
     ctx: InvokeContext,
     input: String,
     output: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> (Result<String, GuestError>, Duration) {
     let wall = ctx.limits.wall_clock;
-    let _slot = match InstanceSlot::take(rt, &ctx.tenant, ctx.limits.max_instances) {
-        Ok(s) => s,
-        Err(e) => return (Err(e), Duration::ZERO),
-    };
     let mut store = new_store(rt, ctx, output);
     let meter = store.data().cpu.clone();
     let pre = guest.inner.pre.clone();
     let run = async {
-        store.data().cpu.resume();
         let instance = match pre.instantiate_async(&mut store).await {
             Ok(i) => i,
             Err(e) => return Err(instantiate_error(&store, e)),
@@ -879,12 +1179,15 @@ pub(crate) async fn invoke(
             .realm_llm_handler()
             .call_handle(&mut store, &input)
             .await;
-        store.data().cpu.pause();
         match r {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(msg)) => Err(GuestError::Guest(msg)),
             Err(e) => Err(classify(&store, e)),
         }
+    };
+    let run = Metered {
+        inner: Box::pin(run),
+        meter: meter.clone(),
     };
     // Dropping the future on timeout abandons the guest's fiber; dropping the store then
     // frees its sessions (and so their KV pages).
@@ -916,7 +1219,7 @@ pub(crate) async fn instantiate_only(
     ctx: InvokeContext,
 ) -> Result<(), GuestError> {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let _slot = InstanceSlot::take(rt, &ctx.tenant, ctx.limits.max_instances)?;
+    let _slot = InstanceSlot::take(rt, &ctx.tenant, ctx.limits.max_instances, 1)?;
     let mut store = new_store(rt, ctx, tx);
     guest
         .inner

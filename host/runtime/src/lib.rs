@@ -46,6 +46,10 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Largest wasm stack a guest may use (deep recursion traps past it).
     pub max_wasm_stack: usize,
+    /// Threads that run expensive host calls (long tokenizations, vocabularies, templates,
+    /// sampling over large masks) off the async executor; 0 = one per core. A tenant may use
+    /// at most half of them (at least one) at once.
+    pub host_work_threads: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -56,6 +60,7 @@ impl Default for RuntimeConfig {
             max_memory_bytes: 1 << 30,
             epoch_tick: Duration::from_millis(1),
             max_wasm_stack: 1 << 20,
+            host_work_threads: 0,
         }
     }
 }
@@ -93,6 +98,10 @@ pub enum GuestError {
     /// The guest returned an error of its own.
     #[error("guest error: {0}")]
     Guest(String),
+    /// The guest misused the interface in a way no well-formed program can (a handle it was
+    /// never given or already dropped, a handle of the wrong kind): its bug, not the host's.
+    #[error("guest fault: {0}")]
+    Fault(String),
     /// The runtime could not run the call (instantiation failed, engine gone, ...).
     #[error("runtime error: {0}")]
     Runtime(String),
@@ -109,6 +118,10 @@ pub struct ModelInfo {
     pub eos: Option<u32>,
     pub eog: Vec<u32>,
     pub chat_template: Option<String>,
+    /// The most input bytes one token can stand for: `text.len().div_ceil(max_token_bytes)` is
+    /// a lower bound on the tokens `text` becomes (to refuse what cannot fit the context
+    /// before tokenizing it).
+    pub max_token_bytes: usize,
 }
 
 /// A model as the host functions see it: the engine plus the text layer, built once.
@@ -170,8 +183,10 @@ pub(crate) struct Inner {
     pub cfg: RuntimeConfig,
     pub models: RwLock<HashMap<String, Arc<ModelEntry>>>,
     guests: Mutex<HashMap<String, Guest>>,
-    /// Live instances per tenant.
-    pub instances: Mutex<HashMap<String, u32>>,
+    /// Live (or reserved) instances per tenant and in all.
+    pub instances: Mutex<Instances>,
+    /// Permits for host work run off the async executor (see [`RuntimeConfig::host_work_threads`]).
+    pub host_work: host::HostWork,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -248,6 +263,7 @@ impl Runtime {
                 .map_err(|e| RuntimeError::Wasmtime(format!("epoch thread: {e}")))?;
         }
 
+        let host_work = host::HostWork::new(cfg.host_work_threads);
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
@@ -255,7 +271,8 @@ impl Runtime {
                 cfg,
                 models: RwLock::new(HashMap::new()),
                 guests: Mutex::new(HashMap::new()),
-                instances: Mutex::new(HashMap::new()),
+                instances: Mutex::new(Instances::default()),
+                host_work,
                 ticker_stop,
             }),
         })
@@ -290,6 +307,7 @@ impl Runtime {
             eos: tokenizer.eos(),
             eog,
             chat_template,
+            max_token_bytes: tokenizer.max_token_bytes().max(1),
         };
         let entry = Arc::new(ModelEntry {
             info,
@@ -339,15 +357,40 @@ impl Runtime {
             .map(|m| m.engine.clone())
     }
 
-    /// Guest instances `tenant` is running now.
+    /// The description of one loaded model.
+    pub fn model_info(&self, model: &str) -> Option<ModelInfo> {
+        self.inner
+            .models
+            .read()
+            .expect("models lock")
+            .get(model)
+            .map(|m| m.info.clone())
+    }
+
+    /// Guest instances `tenant` is running (or has reserved) now.
     pub fn live_instances(&self, tenant: &str) -> u32 {
         self.inner
             .instances
             .lock()
             .expect("instances lock")
+            .per_tenant
             .get(tenant)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Reserves `count` instance slots for `tenant` at once, or none: refused (a
+    /// `LimitKind::Instances` error) when the tenant would run more than `cap` instances or the
+    /// runtime more than its pool holds. Callers that stream take the slots before the first
+    /// byte, so that the limit is an answer (HTTP 429) rather than an error inside a stream;
+    /// each slot is then given to [`Runtime::invoke_in_slot`] and frees itself when dropped.
+    pub fn reserve(
+        &self,
+        tenant: &str,
+        cap: u32,
+        count: u32,
+    ) -> Result<Vec<InstanceSlot>, GuestError> {
+        InstanceSlot::take(&self.inner, tenant, cap, count)
     }
 
     /// Validates and compiles a guest (or returns the one already loaded with the same bytes).
@@ -417,7 +460,24 @@ impl Runtime {
         input: String,
         output: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> (Result<String, GuestError>, std::time::Duration) {
-        host::invoke(&self.inner, guest, ctx, input, output).await
+        let slot = match InstanceSlot::take(&self.inner, &ctx.tenant, ctx.limits.max_instances, 1) {
+            Ok(mut s) => s.pop().expect("one slot"),
+            Err(e) => return (Err(e), std::time::Duration::ZERO),
+        };
+        host::invoke(&self.inner, slot, guest, ctx, input, output).await
+    }
+
+    /// [`Runtime::invoke_metered`] in a slot taken earlier with [`Runtime::reserve`] (for
+    /// `ctx.tenant`); `ctx.limits.max_instances` is not checked again.
+    pub async fn invoke_in_slot(
+        &self,
+        slot: InstanceSlot,
+        guest: &Guest,
+        ctx: InvokeContext,
+        input: String,
+        output: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> (Result<String, GuestError>, std::time::Duration) {
+        host::invoke(&self.inner, slot, guest, ctx, input, output).await
     }
 
     /// Instantiates `guest` and drops the instance without calling it (for benchmarks of
@@ -428,6 +488,86 @@ impl Runtime {
         ctx: InvokeContext,
     ) -> Result<(), GuestError> {
         host::instantiate_only(&self.inner, guest, ctx).await
+    }
+}
+
+/// Instance counts, per tenant and in all (reservations included).
+#[derive(Default)]
+pub(crate) struct Instances {
+    per_tenant: HashMap<String, u32>,
+    total: u32,
+}
+
+/// One guest instance slot of a tenant, held from [`Runtime::reserve`] (or the start of a call)
+/// until dropped.
+pub struct InstanceSlot {
+    rt: Arc<Inner>,
+    tenant: String,
+}
+
+impl std::fmt::Debug for InstanceSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceSlot")
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl InstanceSlot {
+    pub(crate) fn take(
+        rt: &Arc<Inner>,
+        tenant: &str,
+        cap: u32,
+        count: u32,
+    ) -> Result<Vec<InstanceSlot>, GuestError> {
+        let mut m = rt.instances.lock().expect("instances lock");
+        let mine = m.per_tenant.get(tenant).copied().unwrap_or(0);
+        if mine.saturating_add(count) > cap {
+            return Err(GuestError::Limit {
+                limit: LimitKind::Instances,
+                detail: if count > 1 {
+                    format!(
+                        "tenant {tenant:?} runs {mine} guest instances and asked for {count} more; \
+                         its limit is {cap}"
+                    )
+                } else {
+                    format!(
+                        "tenant {tenant:?} already runs {mine} guest instances; its limit is {cap}"
+                    )
+                },
+            });
+        }
+        let pool = rt.cfg.max_instances.max(1);
+        if m.total.saturating_add(count) > pool {
+            return Err(GuestError::Limit {
+                limit: LimitKind::Instances,
+                detail: format!(
+                    "the server runs {} guest instances; its pool holds {pool}",
+                    m.total
+                ),
+            });
+        }
+        *m.per_tenant.entry(tenant.to_string()).or_insert(0) += count;
+        m.total += count;
+        Ok((0..count)
+            .map(|_| InstanceSlot {
+                rt: rt.clone(),
+                tenant: tenant.to_string(),
+            })
+            .collect())
+    }
+}
+
+impl Drop for InstanceSlot {
+    fn drop(&mut self) {
+        let mut m = self.rt.instances.lock().expect("instances lock");
+        m.total = m.total.saturating_sub(1);
+        if let Some(n) = m.per_tenant.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                m.per_tenant.remove(&self.tenant);
+            }
+        }
     }
 }
 

@@ -65,7 +65,7 @@ impl std::fmt::Display for LimitKind {
             LimitKind::Handles => "host handles",
             LimitKind::HostData => "host-call data size",
             LimitKind::Output => "output size",
-            LimitKind::Instances => "concurrent instances",
+            LimitKind::Instances => "instances",
         })
     }
 }
@@ -89,8 +89,10 @@ impl std::fmt::Display for LimitTrap {
 
 impl std::error::Error for LimitTrap {}
 
-/// Guest CPU time: wall time while the guest's code runs, excluding time spent awaiting the
-/// engine and time spent yielded to other tasks. Shared with the epoch callback's yield future.
+/// Guest CPU time: wall time while the call's future is being polled (the guest's code and the
+/// host calls it makes on the executor), plus the time of host work run for it on the host-work
+/// threads ([`CpuMeter::charge`]). Time the call spends waiting (for the engine, a timer such as
+/// a WASI `sleep`, a yield to other tasks, a host-work thread) is not counted.
 #[derive(Debug, Clone)]
 pub struct CpuMeter(Arc<Mutex<CpuState>>);
 
@@ -122,6 +124,11 @@ impl CpuMeter {
         if let Some(t) = s.running_since.take() {
             s.used += t.elapsed();
         }
+    }
+
+    /// Adds time spent on the call's behalf elsewhere (host work on another thread).
+    pub fn charge(&self, d: Duration) {
+        self.0.lock().expect("cpu meter").used += d;
     }
 
     pub fn used(&self) -> Duration {

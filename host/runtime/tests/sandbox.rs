@@ -422,7 +422,10 @@ async fn tenants_cannot_see_each_others_sessions() {
         json!({"op": "probe", "handle": handle}),
     )
     .await;
-    assert!(matches!(r, Err(GuestError::Trap(_))), "{r:?}");
+    match &r {
+        Err(GuestError::Fault(m)) => assert!(m.contains("handle"), "{m}"),
+        other => panic!("expected a guest fault, got {other:?}"),
+    }
     let s = wait_freed(&e, "tenant-a").await;
     assert_eq!(s.pages_free, s.pages_total);
 }
@@ -497,4 +500,241 @@ async fn guest_errors_are_returned_not_trapped() {
         Err(GuestError::Guest(m)) => assert!(m.contains("model"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Resident memory of this process, from /proc (bytes).
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_host_call_arguments_fail_cleanly_or_work() {
+    let (rt, e) = runtime_with_model();
+    let info = rt.model_info("tiny").unwrap();
+    let before = rss();
+    // Not a CPU test: the unoptimised test build of the host is slow with 3M-entry masks.
+    let limits = GuestLimits {
+        cpu_time: Duration::from_secs(120),
+        ..GuestLimits::default()
+    };
+    let (r, _) = call(
+        &rt,
+        ctx("absurd", limits),
+        json!({"op": "absurd", "prompt": "Once upon a time"}),
+    )
+    .await;
+    let v = r.expect("the call survives");
+    let grew = rss().saturating_sub(before);
+    let get = |k: &str| {
+        v[k].as_str()
+            .unwrap_or_else(|| panic!("{k} missing: {v}"))
+            .to_string()
+    };
+    let ok = |k: &str| assert!(get(k).starts_with("ok"), "{k}: {}", get(k));
+    let err = |k: &str, what: &str| {
+        let m = get(k);
+        assert!(m.starts_with("err") && m.contains(what), "{k}: {m}");
+    };
+    // Clamped: the penalty window to the context, top-k to the vocabulary; bias entries for
+    // tokens that do not exist are dropped; masks are built from what the vocabulary holds.
+    ok("sample_penalty_last_n_max");
+    ok("sample_bias_out_of_range");
+    ok("sample_mask_allow_3m");
+    ok("sample_mask_bits_2m_words");
+    assert_eq!(get("top_logprobs_max"), format!("ok {}", info.n_vocab));
+    ok("detokenize_1m");
+    ok("generate_long_stop");
+    // Generation stops at the context, or (this test's pool is smaller than the context) when
+    // the KV pool cannot hold the sequence: a limit value, not a crash.
+    let g = get("generate_max_tokens_max");
+    match g.strip_prefix("ok ").and_then(|n| n.parse::<usize>().ok()) {
+        Some(n) => assert!(n > 0 && n <= info.n_ctx, "{g}"),
+        None => assert!(g.starts_with("err Error::Limit") && g.contains("KV"), "{g}"),
+    }
+    // Refused, as error values the guest can handle.
+    err("sample_bias_longer_than_vocab", "logit bias");
+    err("sample_mask_out_of_range", "mask");
+    err("sample_nan_temperature", "NaN");
+    err("logprob_max", "out of range");
+    err("truncate_max", "truncate");
+    err("detokenize_out_of_range", "out of range");
+    err("token_bytes_max", "out of range");
+    err("feed_out_of_range", "");
+    err("feed_past_context", "");
+    err("generate_many_stops", "stop strings");
+    err("apply_chat_template_bad_json", "");
+    // Well short of what the unclamped sizes would ask for (16 GiB for the penalty window).
+    assert!(grew < 1 << 30, "RSS grew by {grew} bytes");
+    let s = wait_freed(&e, "absurd").await;
+    assert_eq!(s.pages_free, s.pages_total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizing_mibs_is_stopped_by_the_cpu_limit_while_others_proceed() {
+    let (rt, _e) = runtime_with_model();
+    let limits = GuestLimits {
+        cpu_time: Duration::from_millis(300),
+        ..GuestLimits::default()
+    };
+    let big = {
+        let rt = rt.clone();
+        let c = ctx("hog", limits.clone());
+        tokio::spawn(async move {
+            let guest = rt.load_guest(builtin::TESTBED_WASM).unwrap();
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            let input = json!({"op": "tokenize", "text": "abcdefghij", "repeat": 1_500_000});
+            rt.invoke_metered(&guest, c, input.to_string(), tx).await
+        })
+    };
+    // Meanwhile other calls complete (the tokenization is not on the executor's threads).
+    while rt.live_instances("hog") == 0 && !big.is_finished() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 0..5 {
+        let (r, _) = call(
+            &rt,
+            ctx("other", GuestLimits::default()),
+            json!({"op": "tokenize", "text": format!("small {i} "), "repeat": 10}),
+        )
+        .await;
+        assert!(r.unwrap()["tokens"].as_u64().unwrap() > 0);
+    }
+    let (r, cpu) = big.await.unwrap();
+    match &r {
+        Err(GuestError::Limit {
+            limit: LimitKind::CpuTime,
+            detail,
+        }) => assert!(detail.contains("300 ms"), "{detail}"),
+        other => panic!("expected the CPU limit, got {other:?}"),
+    }
+    // Charged: the call's CPU time includes the tokenization it asked for.
+    assert!(cpu >= Duration::from_millis(300), "{cpu:?}");
+    // Under the limit, the same work completes.
+    let (r, _) = call(
+        &rt,
+        ctx("hog", GuestLimits::default()),
+        json!({"op": "tokenize", "text": "abcdefghij", "repeat": 10_000}),
+    )
+    .await;
+    assert!(r.unwrap()["tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleeping_is_not_cpu_time() {
+    let rt = runtime();
+    let limits = GuestLimits {
+        cpu_time: Duration::from_millis(200),
+        ..GuestLimits::default()
+    };
+    let guest = rt.load_guest(builtin::TESTBED_WASM).unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let input = json!({"op": "sleep", "ms": 600});
+    let (r, cpu) = rt
+        .invoke_metered(&guest, ctx("sleeper", limits), input.to_string(), tx)
+        .await;
+    assert_eq!(
+        r.expect("sleeping is within the CPU limit"),
+        r#"{"slept_ms":600}"#
+    );
+    assert!(cpu < Duration::from_millis(200), "{cpu:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_misuse_is_a_guest_fault() {
+    let (rt, _e) = runtime_with_model();
+    for (op, what) in [
+        (
+            json!({"op": "probe", "handle": 77}),
+            "unknown handle index 77",
+        ),
+        (json!({"op": "use-after-drop"}), "handle"),
+        (json!({"op": "model-as-session"}), "handle"),
+    ] {
+        let (r, _) = call(&rt, ctx("a", GuestLimits::default()), op.clone()).await;
+        match &r {
+            Err(GuestError::Fault(m)) => {
+                assert!(m.contains(what), "{op}: {m}");
+                assert!(!m.contains("backtrace"), "{op}: {m}");
+            }
+            other => panic!("{op}: expected a guest fault, got {other:?}"),
+        }
+    }
+    // A panic stays a trap, its whole message kept.
+    let (r, _) = call(
+        &rt,
+        ctx("a", GuestLimits::default()),
+        json!({"op": "panic", "message": "one\ntwo\nthree"}),
+    )
+    .await;
+    match &r {
+        Err(GuestError::Trap(m)) => assert!(m.contains("one\ntwo\nthree"), "{m}"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_slots_are_reserved_all_or_none() {
+    let rt = runtime();
+    let limits = GuestLimits {
+        max_instances: 3,
+        ..GuestLimits::default()
+    };
+    match rt.reserve("r", 3, 4) {
+        Err(
+            e @ GuestError::Limit {
+                limit: LimitKind::Instances,
+                ..
+            },
+        ) => {
+            let m = e.to_string();
+            assert!(!m.contains("concurrent"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        rt.live_instances("r"),
+        0,
+        "a refused reservation takes nothing"
+    );
+    let mut slots = rt.reserve("r", 3, 2).unwrap();
+    assert_eq!(rt.live_instances("r"), 2);
+    assert!(rt.reserve("r", 3, 2).is_err());
+    // A call that takes its own slot sees the reservations; one in a reserved slot does not
+    // take another.
+    let guest = rt.load_guest(builtin::TESTBED_WASM).unwrap();
+    let echo = json!({"op": "echo", "text": "x"}).to_string();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (r, _) = rt
+        .invoke_in_slot(
+            slots.pop().unwrap(),
+            &guest,
+            ctx("r", limits.clone()),
+            echo.clone(),
+            tx.clone(),
+        )
+        .await;
+    r.unwrap();
+    assert_eq!(
+        rt.live_instances("r"),
+        1,
+        "the slot is freed when its call ends"
+    );
+    let (r, _) = call(
+        &rt,
+        ctx("r", limits.clone()),
+        json!({"op": "echo", "text": "y"}),
+    )
+    .await;
+    r.unwrap();
+    let _third = rt.reserve("r", 3, 2).unwrap();
+    let (r, _) = call(&rt, ctx("r", limits), json!({"op": "echo", "text": "z"})).await;
+    assert_eq!(limit_of(&r), Some(LimitKind::Instances), "{r:?}");
+    drop(slots);
+    // The runtime's own pool bounds reservations across tenants too.
+    assert!(rt.reserve("s", 1000, 17).is_err());
 }
