@@ -9,12 +9,20 @@
 #
 #   scripts/fuzz.sh            # 30 s per target
 #   scripts/fuzz.sh 300        # 5 minutes per target
+#   scripts/fuzz.sh --quick 20 # CI's smoke run: unoptimised builds (`cargo fuzz --dev`), which
+#                              # compile in a fraction of the time (wasmtime and cranelift at
+#                              # opt-level 3 dominate a cold build) and execute fewer inputs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+mode=()
+if [ "${1:-}" = --quick ]; then
+    mode=(--dev)
+    shift
+fi
 SECS="${1:-30}"
 if ! [[ "$SECS" =~ ^[0-9]+$ ]] || [ "$SECS" -lt 1 ]; then
-    echo "usage: scripts/fuzz.sh [SECONDS per target]" >&2
+    echo "usage: scripts/fuzz.sh [--quick] [SECONDS per target]" >&2
     exit 2
 fi
 CARGO_FUZZ_VERSION=0.13.2
@@ -36,7 +44,7 @@ for dir in host/*/fuzz; do
     [ -f "$dir/Cargo.toml" ] || continue
     targets=$(cargo +nightly fuzz list --fuzz-dir "$dir")
     step "build $dir ($(echo $targets))"
-    cargo +nightly fuzz build --fuzz-dir "$dir"
+    cargo +nightly fuzz build "${mode[@]}" --fuzz-dir "$dir"
     for target in $targets; do
         step "fuzz $dir $target for ${SECS}s"
         mkdir -p "$dir/corpus/$target"
@@ -45,7 +53,7 @@ for dir in host/*/fuzz; do
         mkdir -p "$artifacts"
         before=$(find "$artifacts" -type f | wc -l)
         set +e
-        cargo +nightly fuzz run --fuzz-dir "$dir" "$target" -- \
+        cargo +nightly fuzz run "${mode[@]}" --fuzz-dir "$dir" "$target" -- \
             -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1
         rc=$?
         set -e
