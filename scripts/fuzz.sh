@@ -4,8 +4,8 @@
 # or goes past libFuzzer's memory limit, printing the input that did it.
 #
 # Installs what it needs when absent: a nightly toolchain (sanitizers need it) and cargo-fuzz,
-# pinned. The first build of each project compiles it with sanitizer instrumentation into its own
-# fuzz/target/ (minutes); later runs reuse it. See docs/fuzzing.md.
+# pinned. The first build compiles each project with sanitizer instrumentation into target/fuzz/
+# (minutes; the projects share it); later runs reuse it. See docs/fuzzing.md.
 #
 #   scripts/fuzz.sh            # 30 s per target
 #   scripts/fuzz.sh 300        # 5 minutes per target
@@ -38,31 +38,38 @@ if [ "$(cargo fuzz --version 2>/dev/null || true)" != "cargo-fuzz $CARGO_FUZZ_VE
     cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
 fi
 
+# One target dir for every fuzz project (under the workspace's): the runtime project reuses the
+# engine project's instrumented build of the engine and their common dependencies.
+tdir=$(realpath -m "${CARGO_TARGET_DIR:-target}/fuzz")
 failed=()
 summary=()
 for dir in host/*/fuzz; do
     [ -f "$dir/Cargo.toml" ] || continue
     targets=$(cargo +nightly fuzz list --fuzz-dir "$dir")
     step "build $dir ($(echo $targets))"
-    cargo +nightly fuzz build "${mode[@]}" --fuzz-dir "$dir"
+    cargo +nightly fuzz build "${mode[@]}" --fuzz-dir "$dir" --target-dir "$tdir"
     for target in $targets; do
         step "fuzz $dir $target for ${SECS}s"
         mkdir -p "$dir/corpus/$target"
         log=$(mktemp)
         artifacts="$dir/artifacts/$target"
         mkdir -p "$artifacts"
-        before=$(find "$artifacts" -type f | wc -l)
+        # libFuzzer also writes `slow-unit-*` files (an input over -report_slow_units seconds:
+        # the first one pays for lazy set-up); only these prefixes are findings.
+        findings() { find "$artifacts" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'oom-*' \
+            -o -name 'timeout-*' \) "$@"; }
+        before=$(findings | wc -l)
         set +e
-        cargo +nightly fuzz run "${mode[@]}" --fuzz-dir "$dir" "$target" -- \
+        cargo +nightly fuzz run "${mode[@]}" --fuzz-dir "$dir" --target-dir "$tdir" "$target" -- \
             -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1
         rc=$?
         set -e
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
         summary+=("$dir $target: ${runs:-?} executions in ${SECS}s, exit $rc")
-        if [ "$rc" -ne 0 ] || [ "$(find "$artifacts" -type f | wc -l)" -ne "$before" ]; then
+        if [ "$rc" -ne 0 ] || [ "$(findings | wc -l)" -ne "$before" ]; then
             failed+=("$dir $target")
             tail -n 60 "$log" >&2
-            for f in $(find "$artifacts" -type f -newer "$log"); do
+            for f in $(findings -newer "$log"); do
                 echo "-- artifact $f ($(wc -c <"$f") bytes); reproduce with:" >&2
                 echo "   cargo +nightly fuzz run --fuzz-dir $dir $target $f" >&2
                 od -A x -t x1z "$f" | head -n 40 >&2

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s ==\n' "$*" >&2; }
+# Each step's header says how long the suite has run so far (where a cold run's time goes).
+start=$SECONDS
+step() { printf '\n== [%dm%02ds] %s ==\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*" >&2; }
 
 step "toolchain"
 # rust-toolchain.toml pins the compiler; the script adds the wasm32-wasip2 target, rustfmt and
@@ -77,3 +79,5 @@ CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo test --manifest-path guest-sdk/Cargo.to
 
 step "fetch-model script against a local package index"
 scripts/test-fetch-model.sh
+
+step "all passed"

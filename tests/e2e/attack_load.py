@@ -35,6 +35,7 @@ import json
 import sys
 import time
 
+from load import pct
 from realm_admin import admin
 
 try:  # the HTTP client the pinned `openai` package depends on (tests/e2e/requirements.txt)
@@ -43,13 +44,6 @@ except ImportError:
     import httpx
 
 MIB = 1 << 20
-
-
-def pct(xs, p):
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 def peak_rss_mib(pid):
@@ -106,9 +100,10 @@ async def read_stream(resp):
     return first, finish, error, done
 
 
-async def good_client(http, key, tag, args, deadline, ph):
+async def good_client(http, key, tag, args, until, ph):
+    """Streams one chat completion after another until `until()` says the phase is over."""
     i = 0
-    while time.perf_counter() < deadline:
+    while not until():
         i += 1
         body = {
             "messages": [{"role": "user", "content": f"Tell me about {tag}, topic number {i}."}],
@@ -202,11 +197,13 @@ ATTACKS = ["penalty-last-n-max", "tokenize-15MiB", "session-after-drop", "comple
            "tokenize-15MiB-whitespace", "model-as-session", "kv-hog-guest", "forged-handle"]
 
 
-async def attack_worker(http, key, w, stop, ph):
-    """Loops over ATTACKS (worker w starts at its own offset) until stopped."""
-    i = w * 3
+async def attack_worker(http, key, w, n, stop, ph):
+    """Loops over its share of ATTACKS (every n-th from w) until stopped; the n workers' shares
+    cover every attack, and the phase lasts until each has run once (see run_phase)."""
+    mine = ATTACKS[w::n]
+    i = 0
     while not stop.is_set():
-        await attack_step(http, key, ATTACKS[i % len(ATTACKS)], ph, stop)
+        await attack_step(http, key, mine[i % len(mine)], ph, stop)
         i += 1
 
 
@@ -239,7 +236,7 @@ async def attacker_loop(http, key, args, stop, ph):
     instance cap allows (the streams do not retry, so the attacks keep their instances)."""
     n_attack = min(args.attack_workers, args.attacker_streams)
     burst = args.attacker_streams - n_attack
-    workers = [asyncio.create_task(attack_worker(http, key, w, stop, ph))
+    workers = [asyncio.create_task(attack_worker(http, key, w, n_attack, stop, ph))
                for w in range(n_attack)]
     await asyncio.sleep(0.5)
     while not stop.is_set():
@@ -263,12 +260,23 @@ async def healthz_probe(http, stop, ph):
 async def run_phase(http, name, good, attacker, args):
     ph = Phase(name)
     deadline = time.perf_counter() + args.duration
+    # With the attacker, the phase lasts until every attack has come back at least once too
+    # (some take many seconds each), within four times the planned duration.
+    hard_deadline = time.perf_counter() + 4 * args.duration
+
+    def over():
+        now = time.perf_counter()
+        if now >= hard_deadline:
+            return True
+        return now >= deadline and (attacker is None or all(
+            ph.attacks.get(a, {}).get("runs", 0) > 0 for a in ATTACKS))
+
     stop = asyncio.Event()
     bg = [asyncio.create_task(healthz_probe(http, stop, ph))]
     if attacker is not None:
         bg.append(asyncio.create_task(attacker_loop(http, attacker, args, stop, ph)))
     t0 = time.perf_counter()
-    await asyncio.gather(*(good_client(http, key, tid, args, deadline, ph)
+    await asyncio.gather(*(good_client(http, key, tid, args, over, ph)
                            for tid, key in good for _ in range(args.good_per_tenant)))
     wall = time.perf_counter() - t0
     stop.set()
@@ -313,6 +321,12 @@ def summary(ph):
     }
 
 
+def once():
+    """An `until` for good_client that lets exactly one request through."""
+    calls = iter([False])
+    return lambda: next(calls, True)
+
+
 async def run(args):
     good_n = args.tenants - 1
     args.attacker_streams = args.streams - good_n * args.good_per_tenant
@@ -339,7 +353,7 @@ async def run(args):
             sys.exit(f"attack-load: uploading the hostile guest: HTTP {r.status_code}: {r.text}")
         # Warm-up: one request per tenant (guest compilation, first allocations).
         warm = Phase("warm-up")
-        await asyncio.gather(*(good_client(http, key, tid, args, time.perf_counter() + 0.001, warm)
+        await asyncio.gather(*(good_client(http, key, tid, args, once(), warm)
                                for tid, key in good))
         print(f"attack-load: {good_n} well-behaved tenants x {args.good_per_tenant} streams "
               f"= {good_n * args.good_per_tenant}, attacker {args.attacker_streams} "
@@ -374,6 +388,9 @@ async def run(args):
             failures.append(f"{ph.name}: {len(ph.dropped)} well-behaved streams dropped")
         if ph.ok == 0:
             failures.append(f"{ph.name}: no well-behaved stream completed")
+    never = [a for a in ATTACKS if not att.attacks.get(a, {}).get("runs")]
+    if never:
+        failures.append(f"these attacks never came back within the phase: {', '.join(never)}")
     for f in failures:
         print(f"attack-load: FAIL: {f}", file=sys.stderr)
     if failures:

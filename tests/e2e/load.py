@@ -20,6 +20,9 @@ from realm_admin import admin
 
 
 def pct(xs, p):
+    """The p-th percentile (nearest rank) of xs; NaN for none."""
+    if not xs:
+        return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
