@@ -24,8 +24,14 @@ cargo fmt --all -- --check
 cargo fmt --manifest-path guest-sdk/Cargo.toml -- --check
 cargo fmt --manifest-path guests/Cargo.toml --all -- --check
 
+# The workspace is linted and tested with the CUDA backend compiled in (`--features realm/cuda`:
+# it loads its libraries at run time, so no toolkit is needed to build it); its tests compile
+# every kernel in kernels/cuda/ with NVRTC (scripts/nvrtc.sh fetches the library) and check that
+# a machine without a GPU gets an error, not a panic. GPU runs: scripts/test-gpu.sh, docs/gpu.md.
+features=(--features realm/cuda)
+
 step "cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
 # The guests and the SDK (own workspaces; target dir shared with host/runtime/build.rs's guest
 # build so their dependencies compile once).
 export GUEST_TARGET_DIR=${CARGO_TARGET_DIR:-target}/realm-guests
@@ -34,13 +40,17 @@ CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guests/Cargo.tom
 CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guest-sdk/Cargo.toml \
     --all-targets -- -D warnings
 
+step "NVRTC (compiles the CUDA kernels in the tests; no GPU needed)"
+nvrtc_dir=$(scripts/nvrtc.sh)
+
 step "cargo test"
-cargo test --workspace -- --test-threads 2
+LD_LIBRARY_PATH=$nvrtc_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+    cargo test --workspace "${features[@]}" -- --test-threads 2
 
 step "engine tests again at the lower ISA levels (REALM_ISA=scalar, then avx2; same binaries)"
 # Kernels are picked at run time and CI's CPU changes between runs: the engine's test binaries
 # built above (and run above at this CPU's own level) run again with the dispatcher capped.
-engine_tests=$(cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+engine_tests=$(cargo test --workspace "${features[@]}" --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod gpu;
 mod guest;
 mod models;
 mod run;
@@ -41,6 +42,8 @@ enum Command {
     Serve(serve::Args),
     /// Run guests locally and benchmark the guest runtime.
     Guest(guest::Args),
+    /// The GPUs this binary can use (`gpu info`) and a check of its GPU kernels (`gpu check`).
+    Gpu(gpu::Args),
     /// Print a GGUF file's metadata and tensor directory.
     Info {
         model: PathBuf,
@@ -61,6 +64,7 @@ fn main() -> Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Run(a) => run::run(a),
         Command::Guest(a) => guest::run(a),
+        Command::Gpu(a) => gpu::run(a),
         Command::Info { model, tensors } => info(&model, tensors),
     }
 }

@@ -211,7 +211,7 @@ impl GgmlType {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         Self::ALL
             .iter()
             .position(|t| *t == self)
