@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use realm_engine::sample::{Sampler, SamplingParams, StopMatcher, TokenMask};
 use realm_engine::sched::{SchedError, Sequence};
@@ -60,27 +60,71 @@ const INLINE_SAMPLE_DATA: usize = 64 << 10;
 /// match); each costs a search per generated token.
 const MAX_STOP_STRINGS: usize = 64;
 
-/// The threads (permits) for host work off the executor: at most `total` jobs at once, and at
-/// most `per_tenant` of one tenant's, so that one tenant can neither exhaust tokio's blocking
-/// threads nor hold every permit.
+/// The threads for host work off the executor: at most `total` jobs at once, and at most
+/// `per_tenant` of one tenant's, so that one tenant can never hold every thread.
+///
+/// The threads are the pool's own (not tokio's blocking pool) and run at a lower scheduling
+/// priority (`nice`, [`RuntimeConfig::host_work_nice`](crate::RuntimeConfig)): a guest's
+/// 15 MiB tokenization then takes the CPU the engine loop leaves, instead of half of a small
+/// machine's cores away from every tenant's decoding. Jobs are charged the CPU time their thread
+/// actually used (`CLOCK_THREAD_CPUTIME_ID`), not the wall time they took at that priority.
 pub(crate) struct HostWork {
     global: Arc<Semaphore>,
     per_tenant: u32,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 impl HostWork {
-    pub(crate) fn new(threads: usize) -> HostWork {
+    pub(crate) fn new(threads: usize, nice: i32) -> HostWork {
         let total = if threads == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
             threads
         }
         .max(1);
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut started = 0;
+        for i in 0..total {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("realm-host-work-{i}"))
+                .spawn(move || {
+                    // On Linux a nice value is per thread; `None` = the calling thread. Raising it
+                    // needs no privilege. A failure only costs the priority.
+                    if nice != 0 {
+                        let _ = rustix::process::setpriority_process(None, nice);
+                    }
+                    loop {
+                        // The lock is held only while waiting for the next job; the sender
+                        // going away (the runtime dropped) ends the thread.
+                        let job = match rx.lock().expect("host work queue").recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        job();
+                    }
+                });
+            started += spawned.is_ok() as usize;
+        }
         HostWork {
             global: Arc::new(Semaphore::new(total)),
             per_tenant: (total / 2).max(1) as u32,
             tenants: Mutex::new(HashMap::new()),
+            // With no thread started, `submit` fails every job instead of queueing it forever.
+            jobs: Mutex::new((started > 0).then_some(tx)),
         }
     }
 
@@ -102,6 +146,17 @@ impl HostWork {
             .await
             .expect("semaphore open");
         (a, b)
+    }
+
+    /// Runs `job` on a pool thread. The permits bound the jobs in flight to the thread count,
+    /// so a job never waits behind another for long.
+    fn submit(&self, job: Job) -> Result<(), String> {
+        match &*self.jobs.lock().expect("host work sender") {
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| "the host-work threads are gone".to_string()),
+            None => Err("no host-work thread could be started".to_string()),
+        }
     }
 }
 
@@ -253,20 +308,35 @@ impl HostState {
         let permits = self.rt.host_work.acquire(&self.ctx.tenant).await;
         let cancelled = Arc::new(AtomicBool::new(false));
         let _cancel = CancelOnDrop(cancelled.clone());
-        let job = tokio::task::spawn_blocking(move || {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let submitted = self.rt.host_work.submit(Box::new(move || {
             let _permits = permits;
-            let start = Instant::now();
-            let should_stop = move || cancelled.load(Ordering::Relaxed) || start.elapsed() > left;
-            let r = f(&should_stop);
-            (r, start.elapsed())
-        });
-        let (r, took) = match job.await {
-            Ok(v) => v,
-            Err(e) => {
-                return Err(HostError::Trap(wasmtime::Error::msg(format!(
-                    "host work failed: {e}"
-                ))));
+            let start = thread_cpu_time();
+            let should_stop = move || {
+                cancelled.load(Ordering::Relaxed) || thread_cpu_time().saturating_sub(start) > left
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&should_stop)));
+            let took = thread_cpu_time().saturating_sub(start);
+            // The caller may be gone (its deadline passed): then nobody wants the result.
+            let _ = tx.send((r, took));
+        }));
+        let failed =
+            |e: String| HostError::Trap(wasmtime::Error::msg(format!("host work failed: {e}")));
+        if let Err(e) = submitted {
+            return Err(failed(e));
+        }
+        let (r, took) = match rx.await {
+            Ok((Ok(v), took)) => (v, took),
+            Ok((Err(p), _)) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+                    .to_string();
+                return Err(failed(format!("panicked: {msg}")));
             }
+            Err(_) => return Err(failed("the job was dropped".into())),
         };
         self.cpu.charge(took);
         match r {

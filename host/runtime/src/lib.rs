@@ -50,6 +50,10 @@ pub struct RuntimeConfig {
     /// sampling over large masks) off the async executor; 0 = one per core. A tenant may use
     /// at most half of them (at least one) at once.
     pub host_work_threads: usize,
+    /// The `nice` value of the host-work threads (0-19; 0 = the process's own priority). The
+    /// default, 19, lets the engine loop's threads (decoding for every tenant) go first when
+    /// the CPU is short; host work then runs on what they leave, charged only the CPU it used.
+    pub host_work_nice: i32,
 }
 
 impl Default for RuntimeConfig {
@@ -61,6 +65,7 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(1),
             max_wasm_stack: 1 << 20,
             host_work_threads: 0,
+            host_work_nice: 19,
         }
     }
 }
@@ -263,7 +268,7 @@ impl Runtime {
                 .map_err(|e| RuntimeError::Wasmtime(format!("epoch thread: {e}")))?;
         }
 
-        let host_work = host::HostWork::new(cfg.host_work_threads);
+        let host_work = host::HostWork::new(cfg.host_work_threads, cfg.host_work_nice);
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
