@@ -2,14 +2,28 @@
 //!
 //! Keys and values live in fixed-size pages drawn from one pool per model, sized at load time.
 //! A sequence owns a page table ([`SeqCache`]); position `p` of a sequence lives in page
-//! `pages[p / page_size]`, slot `p % page_size`. Pages are reference counted so that a later fork
-//! can share a prefix copy-on-write; the scheduler issue builds batching, prefix caching and
-//! preemption on top of this.
+//! `pages[p / page_size]`, slot `p % page_size`. Pages are reference counted so that a fork can
+//! share a prefix copy-on-write; the scheduler builds batching, prefix caching and preemption on
+//! top of this.
 //!
-//! Storage is f16, as llama.cpp's default cache type: it halves memory and keeps our attention
-//! numerics close to the reference.
+//! This module is the bookkeeping only (page tables, reference counts, the free list), the same
+//! for every backend. The pages themselves are a [`KvStorage`] that the model's backend made
+//! (host memory for the CPU, device memory for a GPU): the forward pass writes and reads them,
+//! and the pool only asks the storage to copy a page when a shared one is about to be written.
 
-use half::f16;
+use std::any::Any;
+
+/// A backend's KV page storage: `n_pages` pages of `page_size` positions of keys and values for
+/// every layer, in whatever memory and element type the backend uses.
+pub trait KvStorage: Send + 'static {
+    /// Copies every layer's keys and values of page `from` into page `to` (copy-on-write).
+    fn copy_page(&mut self, from: u32, to: u32) -> Result<(), KvError>;
+    /// Bytes the storage takes.
+    fn bytes(&self) -> usize;
+    /// For the backend that made it, to reach its own type.
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
@@ -19,6 +33,8 @@ pub enum KvError {
         free: usize,
         total: usize,
     },
+    #[error("KV page copy failed: {0}")]
+    Device(String),
     #[error("sequence would exceed the model context of {max} tokens (has {len}, adding {adding})")]
     ContextFull {
         len: usize,
@@ -38,18 +54,15 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    pub fn bytes(&self) -> usize {
-        // K and V, every layer, f16.
-        2 * self.n_layers * self.n_pages * self.page_size * self.kv_dim * 2
+    /// Key and value elements (each) of one layer: `[n_pages * page_size, kv_dim]`.
+    pub fn layer_elems(&self) -> usize {
+        self.n_pages * self.page_size * self.kv_dim
     }
 }
 
 pub struct KvPool {
     layout: KvLayout,
-    /// Per layer: keys [n_pages * page_size, kv_dim] f16.
-    keys: Vec<Vec<f16>>,
-    /// Per layer: values [n_pages * page_size, kv_dim] f16.
-    values: Vec<Vec<f16>>,
+    storage: Box<dyn KvStorage>,
     refcount: Vec<u32>,
     free: Vec<u32>,
 }
@@ -81,13 +94,11 @@ impl SeqCache {
 }
 
 impl KvPool {
-    pub fn new(layout: KvLayout) -> Self {
-        let per_layer = layout.n_pages * layout.page_size * layout.kv_dim;
-        let zeros = || vec![f16::ZERO; per_layer];
+    /// A pool over `storage`, which holds `layout.n_pages` pages.
+    pub fn new(layout: KvLayout, storage: Box<dyn KvStorage>) -> Self {
         KvPool {
             layout,
-            keys: (0..layout.n_layers).map(|_| zeros()).collect(),
-            values: (0..layout.n_layers).map(|_| zeros()).collect(),
+            storage,
             refcount: vec![0; layout.n_pages],
             // Pop from the end, so hand out low page numbers first.
             free: (0..layout.n_pages as u32).rev().collect(),
@@ -96,6 +107,19 @@ impl KvPool {
 
     pub fn layout(&self) -> &KvLayout {
         &self.layout
+    }
+
+    pub fn storage(&self) -> &dyn KvStorage {
+        &*self.storage
+    }
+
+    pub fn storage_mut(&mut self) -> &mut dyn KvStorage {
+        &mut *self.storage
+    }
+
+    /// Bytes of the page storage.
+    pub fn bytes(&self) -> usize {
+        self.storage.bytes()
     }
 
     pub fn free_pages(&self) -> usize {
@@ -123,9 +147,10 @@ impl KvPool {
         }
         if let Some(i) = self.shared_tail(seq).filter(|_| cow) {
             let old = seq.pages[i];
-            let new = self.free.pop().expect("checked above");
+            let new = *self.free.last().expect("checked above");
+            self.storage.copy_page(old, new)?;
+            self.free.pop();
             self.refcount[new as usize] = 1;
-            self.copy_page(old, new);
             seq.pages[i] = new;
             self.unref(old);
         }
@@ -153,15 +178,6 @@ impl KvPool {
         }
         let i = seq.len / ps;
         (self.refcount[seq.pages[i] as usize] > 1).then_some(i)
-    }
-
-    fn copy_page(&mut self, from: u32, to: u32) {
-        let n = self.layout.page_size * self.layout.kv_dim;
-        let (from, to) = (from as usize * n, to as usize * n);
-        for layer in 0..self.layout.n_layers {
-            self.keys[layer].copy_within(from..from + n, to);
-            self.values[layer].copy_within(from..from + n, to);
-        }
     }
 
     /// A second sequence with the same contents, sharing every page (copy-on-write).
@@ -240,31 +256,10 @@ impl KvPool {
         }
     }
 
-    fn slot(&self, seq: &SeqCache, pos: usize) -> usize {
+    /// Slot (page * page_size + offset) of position `pos` of `seq`.
+    pub fn slot(&self, seq: &SeqCache, pos: usize) -> usize {
         let ps = self.layout.page_size;
         seq.pages[pos / ps] as usize * ps + pos % ps
-    }
-
-    /// Stores one position's keys and values for `layer` (the caller has reserved space).
-    pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
-        let d = self.layout.kv_dim;
-        let at = self.slot(seq, pos) * d;
-        for (dst, &src) in self.keys[layer][at..at + d].iter_mut().zip(k) {
-            *dst = f16::from_f32(src);
-        }
-        for (dst, &src) in self.values[layer][at..at + d].iter_mut().zip(v) {
-            *dst = f16::from_f32(src);
-        }
-    }
-
-    /// Keys and values of one position.
-    pub fn read(&self, layer: usize, seq: &SeqCache, pos: usize) -> (&[f16], &[f16]) {
-        let d = self.layout.kv_dim;
-        let at = self.slot(seq, pos) * d;
-        (
-            &self.keys[layer][at..at + d],
-            &self.values[layer][at..at + d],
-        )
     }
 
     /// Marks `n` positions written after the forward pass completes.
@@ -277,14 +272,40 @@ impl KvPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuKv;
+    use half::f16;
 
     fn pool(n_pages: usize) -> KvPool {
-        KvPool::new(KvLayout {
+        let layout = KvLayout {
             n_layers: 2,
             kv_dim: 4,
             page_size: 4,
             n_pages,
-        })
+        };
+        KvPool::new(layout, Box::new(CpuKv::new(layout)))
+    }
+
+    fn storage(p: &KvPool) -> &CpuKv {
+        p.storage().as_any().downcast_ref().unwrap()
+    }
+
+    /// Test shorthands for what a forward pass does through the storage.
+    trait Rw {
+        fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]);
+        fn read(&self, layer: usize, seq: &SeqCache, pos: usize) -> (Vec<f16>, Vec<f16>);
+    }
+
+    impl Rw for KvPool {
+        fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
+            let slot = self.slot(seq, pos);
+            let s: &mut CpuKv = self.storage_mut().as_any_mut().downcast_mut().unwrap();
+            s.write(layer, slot, k, v);
+        }
+
+        fn read(&self, layer: usize, seq: &SeqCache, pos: usize) -> (Vec<f16>, Vec<f16>) {
+            let (k, v) = storage(self).read(layer, self.slot(seq, pos));
+            (k.to_vec(), v.to_vec())
+        }
     }
 
     #[test]

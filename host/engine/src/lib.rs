@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod gguf;
+pub mod graph;
 pub mod kv;
 pub mod model;
 pub mod quant;
@@ -36,6 +37,8 @@ pub enum Error {
     Tokenizer(String),
     #[error("token id {token} is out of range (vocabulary has {n_vocab} tokens)")]
     BadToken { token: u32, n_vocab: usize },
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
     #[error("could not start worker threads: {0}")]
     Threads(#[source] std::io::Error),
 }

@@ -12,14 +12,15 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// A session able to hold up to `max_tokens` positions (prompt plus generation).
-    pub fn new(model: &'m Model, max_tokens: usize) -> Self {
+    /// A session able to hold up to `max_tokens` positions (prompt plus generation); fails if
+    /// the backend cannot make that much KV storage.
+    pub fn new(model: &'m Model, max_tokens: usize) -> Result<Self, Error> {
         let max_tokens = max_tokens.min(model.hparams.n_ctx_train);
-        Session {
+        Ok(Session {
             model,
-            pool: model.new_kv_pool(max_tokens),
+            pool: model.new_kv_pool(max_tokens)?,
             seq: SeqCache::new(),
-        }
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -56,7 +56,7 @@ fn check(model_path: &Path, refs_name: &str, tol: f32) -> Outcome {
     let mut max_diff = 0f32;
     let mut greedy_checked = 0;
     for r in references(refs_name) {
-        let mut s = Session::new(&model, r.prompt_tokens.len() + r.greedy.len() + 1);
+        let mut s = Session::new(&model, r.prompt_tokens.len() + r.greedy.len() + 1).unwrap();
         let logits = s.feed(&r.prompt_tokens).unwrap();
         assert_eq!(logits.len(), model.hparams.n_vocab);
         for &(tok, want) in &r.top_logits {

@@ -135,7 +135,7 @@ fn check_model(preset: &str, quant: QuantMix) {
     assert_eq!(model.hparams.n_vocab, spec.n_vocab);
     assert_eq!(model.hparams.n_layer, spec.n_layer);
     assert_eq!(model.hparams.head_dim, spec.head_dim);
-    let mut s = Session::new(&model, 64);
+    let mut s = Session::new(&model, 64).unwrap();
     // Longer than tiny-gemma3's sliding window of 8, so local attention actually slides.
     let prompt: Vec<u32> = (0..12).map(|i| [1, 7, 300, 511, 42][i % 5]).collect();
     let logits = s.feed(&prompt).unwrap();

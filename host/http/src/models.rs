@@ -111,7 +111,10 @@ impl Models {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
-        let engine = Engine::start(Arc::new(model), engine_cfg);
+        let engine = Engine::start(Arc::new(model), engine_cfg).map_err(|e| ModelError::Load {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
         for t in tenants {
             engine.set_tenant(&t.id, tenant_limits(&t.quotas));
         }

@@ -27,7 +27,7 @@ async fn guest_decode_and_instantiation() {
         .unwrap_or(64);
     let runs = 5;
     let model = Arc::new(Model::load(&path, &LoadOptions { threads: 2 }).expect("model"));
-    let engine = Engine::start(model.clone(), EngineConfig::default());
+    let engine = Engine::start(model.clone(), EngineConfig::default()).unwrap();
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
     rt.add_model("m", engine.clone()).unwrap();
     let tok = Tokenizer::from_gguf(&model.file).unwrap();

@@ -24,7 +24,8 @@ fn setup(model: &str) -> (Runtime, Engine) {
             kv_tokens: 4096,
             ..EngineConfig::default()
         },
-    );
+    )
+    .expect("start the engine");
     let rt = Runtime::new(RuntimeConfig {
         max_instances: 8,
         ..RuntimeConfig::default()

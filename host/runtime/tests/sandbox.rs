@@ -28,6 +28,7 @@ fn engine() -> Engine {
             ..EngineConfig::default()
         },
     )
+    .expect("start the engine")
 }
 
 fn runtime() -> Runtime {

@@ -105,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
             hp.n_ctx_train
         );
     }
-    let mut session = Session::new(&model, need);
+    let mut session = Session::new(&model, need)?;
     // Back to the state each test starts from: the cache holds `context`, nothing else.
     let start = |session: &mut Session| -> Result<()> {
         session.reset();
@@ -215,7 +215,7 @@ fn concurrent(a: Args, model: Model, load_s: f64) -> Result<()> {
         kv_tokens: max_n * (a.prompt_tokens + a.gen_tokens + 64),
         ..EngineConfig::default()
     };
-    let engine = Engine::start(std::sync::Arc::new(model), cfg);
+    let engine = Engine::start(std::sync::Arc::new(model), cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()?;

@@ -131,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
         if tokens.is_empty() {
             bail!("empty prompt");
         }
-        let mut s = Session::new(&model, tokens.len() + a.greedy + 1);
+        let mut s = Session::new(&model, tokens.len() + a.greedy + 1)?;
         let mut logits = s.feed(&tokens)?;
         let top: Vec<(u32, f32)> = top_k(&logits, a.top);
         let mut greedy = Vec::with_capacity(a.greedy);

@@ -116,7 +116,7 @@ fn start(common: &Common) -> Result<(Runtime, Engine)> {
             kv_tokens: common.kv_tokens,
             ..EngineConfig::default()
         },
-    );
+    )?;
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: common.cache_dir.clone(),
         ..RuntimeConfig::default()

@@ -86,7 +86,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = load(&a.model, a.threads)?;
     let tok = Tokenizer::from_gguf(&model.file).context("reading the model's tokenizer")?;
     let mut generator = Generator {
-        session: Session::new(&model, a.ctx),
+        session: Session::new(&model, a.ctx)?,
         ctx: a.ctx.min(model.hparams.n_ctx_train),
         cached: Vec::new(),
         sampler: Sampler::new(params),

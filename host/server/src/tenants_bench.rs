@@ -43,7 +43,7 @@ fn own_memory() -> Result<Value> {
 /// this process's memory as JSON and wait for stdin to close.
 pub fn child(model_path: &Path, tenants: usize, gen_tokens: usize, threads: usize) -> Result<()> {
     let model = Arc::new(Model::load(model_path, &LoadOptions { threads })?);
-    let engine = Engine::start(model, EngineConfig::default());
+    let engine = Engine::start(model, EngineConfig::default())?;
     let runtime = Runtime::new(RuntimeConfig::default())?;
     runtime.add_model("m", engine.clone())?;
     let guest = runtime.load_guest(realm_runtime::builtin::CHAT_WASM)?;

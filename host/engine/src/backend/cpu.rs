@@ -2,14 +2,23 @@
 //! through the quantized dot-product kernels of [`crate::quant`] with activations quantized on the
 //! fly (as llama.cpp does), and work is spread over a private rayon pool, except for the many
 //! short regions of a single-token step, which go to a [`SpinPool`] of the same size.
+//!
+//! It runs a graph op by op ([`CpuBackend::execute`]), each op over the whole batch, in one
+//! arena of activation buffers reused from pass to pass. KV pages are f16 in host memory
+//! ([`CpuKv`]), as llama.cpp's default cache type.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::spin::SpinPool;
+use crate::backend::{Arena, Backend, BackendError};
 use crate::gguf::TensorView;
-use crate::kv::{KvPool, SeqCache};
+use crate::graph::{Activation, AttnParams, Graph, Op, OpHook, Pass, PassSeq, WeightSet};
+use crate::kv::{KvError, KvLayout, KvStorage};
 use crate::quant;
 
 /// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
@@ -31,6 +40,127 @@ pub struct CpuBackend {
     /// most `threads` threads compute at once.
     spin: SpinPool,
     threads: usize,
+    weights: Option<Arc<WeightSet>>,
+    /// One pass at a time runs (the engine loop owns the model), so this lock is never contended.
+    arena: Mutex<Arena>,
+}
+
+/// f16 KV pages in host memory: per layer, keys and values `[n_pages * page_size, kv_dim]`.
+pub struct CpuKv {
+    layout: KvLayout,
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
+}
+
+impl CpuKv {
+    pub fn new(layout: KvLayout) -> Self {
+        let zeros = || vec![f16::ZERO; layout.layer_elems()];
+        CpuKv {
+            layout,
+            keys: (0..layout.n_layers).map(|_| zeros()).collect(),
+            values: (0..layout.n_layers).map(|_| zeros()).collect(),
+        }
+    }
+
+    /// Stores one position's keys and values (`kv_dim` each) of `layer` at `slot`.
+    pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let d = self.layout.kv_dim;
+        let at = slot * d;
+        self.keys[layer][at..at + d].convert_from_f32_slice(k);
+        self.values[layer][at..at + d].convert_from_f32_slice(v);
+    }
+
+    /// Keys and values of one position.
+    pub fn read(&self, layer: usize, slot: usize) -> (&[f16], &[f16]) {
+        let d = self.layout.kv_dim;
+        let at = slot * d;
+        (
+            &self.keys[layer][at..at + d],
+            &self.values[layer][at..at + d],
+        )
+    }
+}
+
+impl KvStorage for CpuKv {
+    fn copy_page(&mut self, from: u32, to: u32) -> Result<(), KvError> {
+        let n = self.layout.page_size * self.layout.kv_dim;
+        let (from, to) = (from as usize * n, to as usize * n);
+        for layer in 0..self.layout.n_layers {
+            self.keys[layer].copy_within(from..from + n, to);
+            self.values[layer].copy_within(from..from + n, to);
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> usize {
+        2 * self.layout.n_layers * self.layout.layer_elems() * std::mem::size_of::<f16>()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn load_weights(&mut self, weights: Arc<WeightSet>) -> Result<(), BackendError> {
+        self.weights = Some(weights);
+        Ok(())
+    }
+
+    fn new_kv(&self, layout: KvLayout) -> Result<Box<dyn KvStorage>, BackendError> {
+        Ok(Box::new(CpuKv::new(layout)))
+    }
+
+    fn execute(
+        &self,
+        graph: &Graph,
+        pass: &Pass<'_>,
+        kv: &mut dyn KvStorage,
+        mut hook: Option<&mut dyn OpHook>,
+    ) -> Result<Vec<f32>, BackendError> {
+        let ws = self
+            .weights
+            .as_deref()
+            .ok_or(BackendError::NotLoaded("cpu"))?;
+        let kv = kv
+            .as_any_mut()
+            .downcast_mut::<CpuKv>()
+            .ok_or(BackendError::ForeignKv("cpu"))?;
+        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, n_out) = (pass.len(), pass.out_rows.len());
+        arena.fit(graph, n, n_out);
+        let bufs = &mut arena.bufs;
+        let logits = self.install(|| {
+            for node in &graph.nodes {
+                if graph.rows(node.op.rows_of(), n, n_out) == 0 {
+                    continue;
+                }
+                self.run(graph, ws, pass, kv, bufs, &node.op);
+                if let Some(h) = hook.as_deref_mut() {
+                    for (b, name) in &node.taps {
+                        let (rows, w) = (graph.rows(*b, n, n_out), graph.buf(*b).width);
+                        h.tensor(name, &bufs[b.index()][..rows * w], w);
+                    }
+                }
+            }
+            let len = n_out * graph.buf(graph.logits).width;
+            bufs[graph.logits.index()][..len].to_vec()
+        });
+        self.rest();
+        Ok(logits)
+    }
 }
 
 impl CpuBackend {
@@ -51,7 +181,138 @@ impl CpuBackend {
             pool,
             spin,
             threads,
+            weights: None,
+            arena: Mutex::new(Arena::new()),
         })
+    }
+
+    /// One op over the whole batch.
+    fn run(
+        &self,
+        graph: &Graph,
+        ws: &WeightSet,
+        pass: &Pass<'_>,
+        kv: &mut CpuKv,
+        bufs: &mut [Vec<f32>],
+        op: &Op,
+    ) {
+        let (n, n_out) = (pass.len(), pass.out_rows.len());
+        let len = |b: crate::graph::Buf| graph.rows(b, n, n_out) * graph.buf(b).width;
+        // The op's output is taken out of the arena while it runs (a move, no copy), so that it
+        // can be written while the inputs are read.
+        let take =
+            |bufs: &mut [Vec<f32>], b: crate::graph::Buf| std::mem::take(&mut bufs[b.index()]);
+        match op {
+            Op::Embed { table, out } => {
+                let (t, d) = (ws.matrix_of(*table), graph.buf(*out).width);
+                let o = &mut bufs[out.index()][..len(*out)];
+                for (row, &tok) in o.chunks_exact_mut(d).zip(&pass.tokens) {
+                    get_row(t, tok as usize, row);
+                }
+            }
+            Op::Scale { x, by } => scale(&mut bufs[x.index()][..len(*x)], *by),
+            Op::RmsNorm {
+                x,
+                weight,
+                eps,
+                out,
+            } => {
+                let w = ws.vector_of(*weight);
+                if x == out {
+                    rms_norm(&mut bufs[x.index()][..len(*x)], w, *eps);
+                } else {
+                    let mut o = take(bufs, *out);
+                    rms_norm_into(&bufs[x.index()][..len(*x)], w, *eps, &mut o[..len(*out)]);
+                    bufs[out.index()] = o;
+                }
+            }
+            Op::MatMul { x, outs } => {
+                let rows = graph.rows(*x, n, n_out);
+                let mut ys: Vec<Vec<f32>> = outs.iter().map(|(_, b)| take(bufs, *b)).collect();
+                let mut jobs: Vec<(&TensorView, &mut [f32])> = outs
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|((w, b), y)| (ws.matrix_of(*w), &mut y[..len(*b)]))
+                    .collect();
+                self.matmuls(&mut jobs, &bufs[x.index()][..len(*x)], rows);
+                for ((_, b), y) in outs.iter().zip(ys) {
+                    bufs[b.index()] = y;
+                }
+            }
+            Op::AddBias { x, bias } => {
+                self.add_bias(&mut bufs[x.index()][..len(*x)], ws.vector_of(*bias))
+            }
+            Op::Rope { x, rope, head_dim } => {
+                let (rope, w) = (graph.rope(*rope), graph.buf(*x).width);
+                for (row, &pos) in bufs[x.index()][..len(*x)]
+                    .chunks_exact_mut(w)
+                    .zip(&pass.pos)
+                {
+                    rope.apply(row, *head_dim, &rope.table(pos));
+                }
+            }
+            Op::StoreKv { layer, k, v } => {
+                let d = graph.buf(*k).width;
+                let (ks, vs) = (&bufs[k.index()], &bufs[v.index()]);
+                for s in &pass.seqs {
+                    for i in 0..s.len {
+                        let r = s.start + i;
+                        let slot = s.slot(s.pos0 + i, pass.page_size);
+                        kv.write(
+                            *layer,
+                            slot,
+                            &ks[r * d..(r + 1) * d],
+                            &vs[r * d..(r + 1) * d],
+                        );
+                    }
+                }
+            }
+            Op::Attention {
+                layer,
+                q,
+                out,
+                params,
+            } => {
+                let qd = graph.buf(*q).width;
+                let mut o = take(bufs, *out);
+                let qs = &bufs[q.index()];
+                for s in &pass.seqs {
+                    let rows = s.start * qd..(s.start + s.len) * qd;
+                    self.attention(
+                        kv,
+                        *layer,
+                        s,
+                        pass.page_size,
+                        &qs[rows.clone()],
+                        &mut o[rows],
+                        params,
+                    );
+                }
+                bufs[out.index()] = o;
+            }
+            Op::Add { x, y } => {
+                let yv = take(bufs, *y);
+                add_in_place(&mut bufs[x.index()][..len(*x)], &yv[..len(*y)]);
+                bufs[y.index()] = yv;
+            }
+            Op::Glu { act, gate, up } => {
+                let u = take(bufs, *up);
+                let g = &mut bufs[gate.index()][..len(*gate)];
+                match act {
+                    Activation::Silu => silu_mul(g, &u[..len(*up)]),
+                    Activation::GeluTanh => gelu_mul(g, &u[..len(*up)]),
+                }
+                bufs[up.index()] = u;
+            }
+            Op::GatherOut { x, out } => {
+                let d = graph.buf(*x).width;
+                let mut o = take(bufs, *out);
+                for (dst, &r) in o.chunks_exact_mut(d).zip(&pass.out_rows) {
+                    dst.copy_from_slice(&bufs[x.index()][r * d..(r + 1) * d]);
+                }
+                bufs[out.index()] = o;
+            }
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -197,10 +458,10 @@ impl CpuBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        kv: &KvPool,
+        kv: &CpuKv,
         layer: usize,
-        seq: &SeqCache,
-        pos0: usize,
+        seq: &PassSeq<'_>,
+        page_size: usize,
         q: &[f32],
         out: &mut [f32],
         p: &AttnParams,
@@ -209,10 +470,8 @@ impl CpuBackend {
         let kvd = p.n_head_kv * hd;
         let group = p.n_head / p.n_head_kv;
         let n = out.len() / (p.n_head * hd);
-        let lo_of = |pos: usize| match p.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
+        let pos0 = seq.pos0;
+        let lo_of = |pos: usize| p.first_visible(pos);
         // Keys and values of every position any query here can see, converted to f32 once
         // rather than once per query and head: [pos - base, kv_dim] each.
         let base = lo_of(pos0);
@@ -220,7 +479,7 @@ impl CpuBackend {
         let mut keys = vec![0f32; (end - base) * kvd];
         let mut values = vec![0f32; (end - base) * kvd];
         let convert = |(i, (k, v)): (usize, (&mut [f32], &mut [f32]))| {
-            let (kr, vr) = kv.read(layer, seq, base + i);
+            let (kr, vr) = kv.read(layer, seq.slot(base + i, page_size));
             kr.convert_to_f32_slice(k);
             vr.convert_to_f32_slice(v);
         };
@@ -312,17 +571,6 @@ impl CpuBackend {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct AttnParams {
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub head_dim: usize,
-    /// Multiplier applied to q·k.
-    pub scale: f32,
-    /// Sliding window: a query at position p sees keys at positions > p - window.
-    pub window: Option<usize>,
-}
-
 fn rows_per_task(m: usize, threads: usize) -> usize {
     // Several tasks per thread so that uneven progress balances out, but not so many that
     // scheduling overhead shows on small matrices.
@@ -333,17 +581,6 @@ fn rows_per_task(m: usize, threads: usize) -> usize {
 /// Dequantizes row `i` of `w` into `out` (embedding lookup).
 pub fn get_row(w: &TensorView, i: usize, out: &mut [f32]) {
     quant::dequantize_row(w.ty, w.row(i), out);
-}
-
-/// Reads a 1-D F32 (or any-type) tensor fully into f32.
-pub fn to_f32_vec(w: &TensorView) -> Vec<f32> {
-    let n = w.row_len() * w.n_rows();
-    let mut out = vec![0f32; n];
-    let rl = w.row_len();
-    for (i, chunk) in out.chunks_exact_mut(rl).enumerate() {
-        quant::dequantize_row(w.ty, w.row(i), chunk);
-    }
-    out
 }
 
 /// RMS normalisation of every row of x (width = weight.len()), in place, times the weight.
@@ -417,102 +654,6 @@ pub fn scale(x: &mut [f32], s: f32) {
     }
 }
 
-/// Rotary position embedding, with ggml's conventions (`normal` rotates adjacent pairs, `neox`
-/// rotates element i with i + n_dims/2) and its YaRN / linear-scaling formula.
-#[derive(Clone, Debug)]
-pub struct Rope {
-    pub n_dims: usize,
-    pub base: f32,
-    /// 1 / linear scaling factor.
-    pub freq_scale: f32,
-    pub neox: bool,
-    /// YaRN extrapolation mix (0 disables YaRN).
-    pub ext_factor: f32,
-    pub attn_factor: f32,
-    pub beta_fast: f32,
-    pub beta_slow: f32,
-    pub n_ctx_orig: usize,
-    /// Per-dimension-pair divisors of the frequency (Llama 3.1's `rope_freqs.weight`).
-    pub freq_factors: Option<Vec<f32>>,
-}
-
-impl Rope {
-    pub fn new(n_dims: usize, base: f32, neox: bool) -> Self {
-        Rope {
-            n_dims,
-            base,
-            freq_scale: 1.0,
-            neox,
-            ext_factor: 0.0,
-            attn_factor: 1.0,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            n_ctx_orig: 0,
-            freq_factors: None,
-        }
-    }
-
-    fn corr_dims(&self) -> (f32, f32) {
-        let n = self.n_dims as f32;
-        let corr = |rot: f32| {
-            n * (self.n_ctx_orig as f32 / (rot * 2.0 * std::f32::consts::PI)).ln()
-                / (2.0 * self.base.ln())
-        };
-        let start = corr(self.beta_fast).floor().max(0.0);
-        let end = corr(self.beta_slow).ceil().min(n - 1.0);
-        (start, end)
-    }
-
-    /// (cos, sin) for each of the n_dims/2 rotated pairs at position `pos`.
-    pub fn table(&self, pos: usize) -> Vec<(f32, f32)> {
-        let half = self.n_dims / 2;
-        let theta_scale = self.base.powf(-2.0 / self.n_dims as f32);
-        let corr = if self.ext_factor != 0.0 {
-            self.corr_dims()
-        } else {
-            (0.0, 0.0)
-        };
-        let mut out = Vec::with_capacity(half);
-        // Repeated multiplication in f32, exactly as ggml, so positions far into the context get
-        // the same angles as the reference.
-        let mut theta_base = pos as f32;
-        for i in 0..half {
-            let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
-            let theta_extrap = theta_base / ff;
-            let theta_interp = self.freq_scale * theta_extrap;
-            let mut theta = theta_interp;
-            let mut mscale = self.attn_factor;
-            if self.ext_factor != 0.0 {
-                let y = (i as f32 - corr.0) / (corr.1 - corr.0).max(0.001);
-                let ramp = 1.0 - y.clamp(0.0, 1.0);
-                let mix = ramp * self.ext_factor;
-                theta = theta_interp * (1.0 - mix) + theta_extrap * mix;
-                mscale *= 1.0 + 0.1 * (1.0 / self.freq_scale).ln();
-            }
-            out.push((theta.cos() * mscale, theta.sin() * mscale));
-            theta_base *= theta_scale;
-        }
-        out
-    }
-
-    /// Rotates every head of one token's vector x [n_heads * head_dim].
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, table: &[(f32, f32)]) {
-        let half = self.n_dims / 2;
-        for head in x.chunks_exact_mut(head_dim) {
-            for (i, &(c, s)) in table.iter().enumerate() {
-                let (a, b) = if self.neox {
-                    (i, i + half)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * c - x1 * s;
-                head[b] = x0 * s + x1 * c;
-            }
-        }
-    }
-}
-
 /// Logical cores as a fallback when the physical count can't be read.
 pub fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -543,31 +684,6 @@ pub fn physical_cores() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rope_matches_direct_formula_at_small_positions() {
-        let r = Rope::new(8, 10000.0, false);
-        let t = r.table(3);
-        for (i, &(c, s)) in t.iter().enumerate() {
-            let theta = 3.0f64 * 10000f64.powf(-2.0 * i as f64 / 8.0);
-            assert!((c as f64 - theta.cos()).abs() < 1e-5);
-            assert!((s as f64 - theta.sin()).abs() < 1e-5);
-        }
-    }
-
-    #[test]
-    fn rope_normal_and_neox_pairings() {
-        let mut x: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let r = Rope::new(8, 10000.0, false);
-        // A quarter turn on the first pair only (theta = pos for i = 0).
-        let table = vec![(0.0, 1.0), (1.0, 0.0), (1.0, 0.0), (1.0, 0.0)];
-        r.apply(&mut x, 8, &table);
-        assert_eq!(&x[..2], &[-1.0, 0.0]);
-        let mut y: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let n = Rope::new(8, 10000.0, true);
-        n.apply(&mut y, 8, &table);
-        assert_eq!((y[0], y[4]), (-4.0, 0.0));
-    }
 
     #[test]
     fn rms_norm_unit_rows() {

@@ -1,7 +1,92 @@
-//! Compute backends. The CPU backend is the reference; device backends (CUDA, wgpu) sit behind
-//! cargo features and implement the same operations over device-resident weights and KV.
+//! Compute backends: what runs a model's [`Graph`].
+//!
+//! A backend makes a model's weights resident once ([`Backend::load_weights`]), owns the memory
+//! of its KV pages ([`Backend::new_kv`]), and executes one whole forward pass at a time
+//! ([`Backend::execute`]), returning the logits of the rows that want them. Everything else —
+//! page tables, reference counts, the prefix cache, scheduling — is the engine's and the same
+//! for every backend.
+//!
+//! - [`cpu`]: the reference and the default: weights read in place from the mapping, quantized
+//!   SIMD kernels picked at run time, f16 KV pages in host memory.
+//! - [`reference`]: a second, deliberately plain execution of the same graphs (scalar f32
+//!   arithmetic, its own f32 KV pages): tests run every architecture through it to check that
+//!   the seam carries everything a pass needs and nothing CPU-specific leaks through it.
+//! - `cuda` (feature `cuda`): NVIDIA GPUs through the driver API and NVRTC.
+
+use std::sync::Arc;
+
+use crate::graph::{Graph, OpHook, Pass, WeightSet};
+use crate::kv::{KvLayout, KvStorage};
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod reference;
 pub mod spin;
+
+/// What a backend can fail with during a pass or while making memory.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("the KV pool was made by another backend than {0}")]
+    ForeignKv(&'static str),
+    #[error("the {0} backend has no weights loaded")]
+    NotLoaded(&'static str),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Runs forward passes of one model.
+pub trait Backend: Send + Sync {
+    /// Short name: `cpu`, `reference`, `cuda`.
+    fn name(&self) -> &'static str;
+
+    /// Threads the backend computes with (the CPU's pool; 1 elsewhere).
+    fn threads(&self) -> usize {
+        1
+    }
+
+    /// Makes the model's weights resident, once (a device backend uploads them here).
+    fn load_weights(&mut self, weights: Arc<WeightSet>) -> Result<(), BackendError>;
+
+    /// Page storage for a KV pool of `layout`, in this backend's memory.
+    fn new_kv(&self, layout: KvLayout) -> Result<Box<dyn KvStorage>, BackendError>;
+
+    /// Runs `graph` over `pass`, reading and writing the pages of `kv` (made by [`Backend::new_kv`]),
+    /// and returns the logits buffer (`[pass.out_rows.len(), n_vocab]`). `hook` sees every
+    /// tensor the graph names, after its op.
+    fn execute(
+        &self,
+        graph: &Graph,
+        pass: &Pass<'_>,
+        kv: &mut dyn KvStorage,
+        hook: Option<&mut dyn OpHook>,
+    ) -> Result<Vec<f32>, BackendError>;
+}
+
+/// Activation buffers of one graph, allocated once and grown to the largest pass seen: passes
+/// after the first allocate nothing.
+pub(crate) struct Arena {
+    pub bufs: Vec<Vec<f32>>,
+}
+
+impl Arena {
+    pub fn new() -> Self {
+        Arena { bufs: Vec::new() }
+    }
+
+    /// Sizes every buffer of `graph` for `n` rows (`n_out` for output rows); buffers only grow.
+    pub fn fit(&mut self, graph: &Graph, n: usize, n_out: usize) {
+        self.bufs.resize_with(graph.bufs.len(), Vec::new);
+        for (i, b) in self.bufs.iter_mut().enumerate() {
+            let d = &graph.bufs[i];
+            let rows = match d.rows {
+                crate::graph::Rows::Batch => n,
+                crate::graph::Rows::Out => n_out,
+            };
+            let len = rows * d.width;
+            if b.len() < len {
+                b.resize(len, 0.0);
+            }
+        }
+    }
+}

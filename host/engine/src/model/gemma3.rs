@@ -10,13 +10,10 @@
 //!   rope scaling);
 //! - the FFN is GELU-gated (tanh approximation).
 
-use super::{
-    Architecture, Batch, Hparams, SeqInput, attend, debug_tensor, rope_rows, vector, weight,
-};
+use super::Hparams;
 use crate::Error;
-use crate::backend::cpu::{self, AttnParams, CpuBackend, Rope};
-use crate::gguf::{GgufFile, TensorView};
-use crate::kv::KvPool;
+use crate::gguf::GgufFile;
+use crate::graph::{Activation, Graph, GraphBuilder, Rope, Rows, WeightId, WeightSet};
 
 /// RoPE base of the sliding layers unless `gemma3.rope.freq_base_swa` says otherwise.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -24,160 +21,104 @@ const LOCAL_ROPE_BASE: f32 = 10_000.0;
 const SWA_PATTERN: usize = 6;
 
 struct Layer {
-    attn_norm: Vec<f32>,      // [n_embd]
-    wq: TensorView,           // [n_embd] -> [n_head * head_dim]
-    wk: TensorView,           // [n_embd] -> [n_head_kv * head_dim]
-    wv: TensorView,           // [n_embd] -> [n_head_kv * head_dim]
-    q_norm: Vec<f32>,         // [head_dim]
-    k_norm: Vec<f32>,         // [head_dim]
-    wo: TensorView,           // [n_head * head_dim] -> [n_embd]
-    post_attn_norm: Vec<f32>, // [n_embd]
-    ffn_norm: Vec<f32>,       // [n_embd]
-    w_gate: TensorView,       // [n_embd] -> [n_ff]
-    w_up: TensorView,         // [n_embd] -> [n_ff]
-    w_down: TensorView,       // [n_ff] -> [n_embd]
-    post_ffn_norm: Vec<f32>,  // [n_embd]
+    attn_norm: WeightId,      // [n_embd]
+    wqkv: [WeightId; 3],      // [n_embd] -> [n_head * head_dim], [n_head_kv * head_dim] (K and V)
+    q_norm: WeightId,         // [head_dim]
+    k_norm: WeightId,         // [head_dim]
+    wo: WeightId,             // [n_head * head_dim] -> [n_embd]
+    post_attn_norm: WeightId, // [n_embd]
+    ffn_norm: WeightId,       // [n_embd]
+    w_gate: WeightId,         // [n_embd] -> [n_ff]
+    w_up: WeightId,           // [n_embd] -> [n_ff]
+    w_down: WeightId,         // [n_ff] -> [n_embd]
+    post_ffn_norm: WeightId,  // [n_embd]
     sliding: bool,
 }
 
-pub(super) struct Gemma3 {
-    hp: Hparams,
-    tok_embd: TensorView, // [n_embd] x n_vocab rows; also the output projection
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>, // [n_embd]
-    output: TensorView,    // [n_embd] -> [n_vocab]
-    rope_global: Rope,
-    rope_local: Rope,
-    attn_global: AttnParams,
-    attn_local: AttnParams,
-}
+pub(super) fn build(f: &GgufFile, hp: &Hparams) -> Result<(WeightSet, Graph), Error> {
+    let (d, hd, ff) = (hp.n_embd, hp.head_dim, hp.n_ff);
+    let (qd, kvd) = (hp.n_head * hd, hp.kv_dim());
+    let window = hp
+        .sliding_window
+        .ok_or_else(|| Error::BadModel("gemma3.attention.sliding_window is missing".into()))?;
+    let mut ws = WeightSet::new();
+    let tok_embd = ws.matrix(f, "token_embd.weight", &[d, hp.n_vocab])?; // [n_embd] x n_vocab rows
+    let mut layers = Vec::new();
+    for i in 0..hp.n_layer {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        layers.push(Layer {
+            attn_norm: ws.vector(f, &n("attn_norm.weight"), d)?,
+            wqkv: [
+                ws.matrix(f, &n("attn_q.weight"), &[d, qd])?,
+                ws.matrix(f, &n("attn_k.weight"), &[d, kvd])?,
+                ws.matrix(f, &n("attn_v.weight"), &[d, kvd])?,
+            ],
+            q_norm: ws.vector(f, &n("attn_q_norm.weight"), hd)?,
+            k_norm: ws.vector(f, &n("attn_k_norm.weight"), hd)?,
+            wo: ws.matrix(f, &n("attn_output.weight"), &[qd, d])?,
+            post_attn_norm: ws.vector(f, &n("post_attention_norm.weight"), d)?,
+            ffn_norm: ws.vector(f, &n("ffn_norm.weight"), d)?,
+            w_gate: ws.matrix(f, &n("ffn_gate.weight"), &[d, ff])?,
+            w_up: ws.matrix(f, &n("ffn_up.weight"), &[d, ff])?,
+            w_down: ws.matrix(f, &n("ffn_down.weight"), &[ff, d])?,
+            post_ffn_norm: ws.vector(f, &n("post_ffw_norm.weight"), d)?,
+            sliding: (i + 1) % SWA_PATTERN != 0,
+        });
+    }
+    let output_norm = ws.vector(f, "output_norm.weight", d)?; // [n_embd]
+    let output = ws.matrix_or(f, "output.weight", &[d, hp.n_vocab], tok_embd)?; // [n_embd] -> [n_vocab]
+    let local_base = f
+        .opt_f64(&format!("{}.rope.freq_base_swa", hp.arch))?
+        .map_or(LOCAL_ROPE_BASE, |v| v as f32);
+    let (mut attn_global, mut attn_local) = (hp.attn(None), hp.attn(Some(window)));
+    // Gemma 3 27B scales queries by 1/sqrt(n_embd / n_head) instead of 1/sqrt(head_dim)
+    // (its query_pre_attn_scalar); the GGUF carries no key for it, so it is known by shape.
+    if hp.n_layer == 62 {
+        let s = 1.0 / ((d / hp.n_head) as f32).sqrt();
+        attn_global.scale = s;
+        attn_local.scale = s;
+    }
 
-impl Gemma3 {
-    pub(super) fn load(f: &GgufFile, hp: &Hparams) -> Result<Self, Error> {
-        let (d, hd, ff) = (hp.n_embd, hp.head_dim, hp.n_ff);
-        let (qd, kvd) = (hp.n_head * hd, hp.kv_dim());
-        let window = hp
-            .sliding_window
-            .ok_or_else(|| Error::BadModel("gemma3.attention.sliding_window is missing".into()))?;
-        let tok_embd = weight(f, "token_embd.weight", &[d, hp.n_vocab])?;
-        let output = match f.tensor("output.weight") {
-            Some(_) => weight(f, "output.weight", &[d, hp.n_vocab])?,
-            None => tok_embd.clone(),
+    let mut g = GraphBuilder::new(&ws);
+    let rope_global = g.rope(hp.rope(true));
+    let rope_local = g.rope(Rope::new(hp.rope_dims, local_base, true));
+    let x = g.buf("x", d, Rows::Batch); // [n, n_embd] residual stream
+    let h = g.buf("h", d, Rows::Batch); // [n, n_embd] normed input of a sub-block
+    let q = g.buf("q", qd, Rows::Batch); // [n, n_head * head_dim]
+    let k = g.buf("k", kvd, Rows::Batch); // [n, n_head_kv * head_dim]
+    let v = g.buf("v", kvd, Rows::Batch); // [n, n_head_kv * head_dim]
+    let a = g.buf("attn", qd, Rows::Batch); // [n, n_head * head_dim] attention output
+    let o = g.buf("o", d, Rows::Batch); // [n, n_embd] sub-block output
+    let gu = (g.buf("gate", ff, Rows::Batch), g.buf("up", ff, Rows::Batch)); // [n, n_ff] each
+    let xo = g.buf("x_out", d, Rows::Out); // [n_out, n_embd] rows that want logits
+
+    g.embed(tok_embd, x);
+    g.scale(x, (d as f32).sqrt());
+    g.tap(x, "inp_scaled");
+    for (il, l) in layers.iter().enumerate() {
+        g.layer(Some(il));
+        let (rope, attn) = match l.sliding {
+            true => (rope_local, attn_local),
+            false => (rope_global, attn_global),
         };
-        let mut layers = Vec::new();
-        for i in 0..hp.n_layer {
-            let n = |s: &str| format!("blk.{i}.{s}");
-            layers.push(Layer {
-                attn_norm: vector(f, &n("attn_norm.weight"), d)?,
-                wq: weight(f, &n("attn_q.weight"), &[d, qd])?,
-                wk: weight(f, &n("attn_k.weight"), &[d, kvd])?,
-                wv: weight(f, &n("attn_v.weight"), &[d, kvd])?,
-                q_norm: vector(f, &n("attn_q_norm.weight"), hd)?,
-                k_norm: vector(f, &n("attn_k_norm.weight"), hd)?,
-                wo: weight(f, &n("attn_output.weight"), &[qd, d])?,
-                post_attn_norm: vector(f, &n("post_attention_norm.weight"), d)?,
-                ffn_norm: vector(f, &n("ffn_norm.weight"), d)?,
-                w_gate: weight(f, &n("ffn_gate.weight"), &[d, ff])?,
-                w_up: weight(f, &n("ffn_up.weight"), &[d, ff])?,
-                w_down: weight(f, &n("ffn_down.weight"), &[ff, d])?,
-                post_ffn_norm: vector(f, &n("post_ffw_norm.weight"), d)?,
-                sliding: (i + 1) % SWA_PATTERN != 0,
-            });
-        }
-        let local_base = f
-            .opt_f64(&format!("{}.rope.freq_base_swa", hp.arch))?
-            .map_or(LOCAL_ROPE_BASE, |v| v as f32);
-        let rope_local = Rope::new(hp.rope_dims, local_base, true);
-        let (mut attn_global, mut attn_local) = (hp.attn(None), hp.attn(Some(window)));
-        // Gemma 3 27B scales queries by 1/sqrt(n_embd / n_head) instead of 1/sqrt(head_dim)
-        // (its query_pre_attn_scalar); the GGUF carries no key for it, so it is known by shape.
-        if hp.n_layer == 62 {
-            let s = 1.0 / ((d / hp.n_head) as f32).sqrt();
-            attn_global.scale = s;
-            attn_local.scale = s;
-        }
-        Ok(Gemma3 {
-            hp: hp.clone(),
-            tok_embd,
-            layers,
-            output_norm: vector(f, "output_norm.weight", d)?,
-            output,
-            rope_global: hp.rope(true),
-            rope_local,
-            attn_global,
-            attn_local,
-        })
+        g.norm(x, l.attn_norm, hp.rms_eps, h, "attn_norm");
+        g.qkv(h, l.wqkv, None, [q, k, v]);
+        g.norm(q, l.q_norm, hp.rms_eps, q, "Qcur_normed"); // per head: rows of head_dim
+        g.norm(k, l.k_norm, hp.rms_eps, k, "Kcur_normed");
+        g.attention(il, rope, attn, q, k, v, a);
+        g.matmul(a, &[(l.wo, o)]);
+        g.tap(o, "attn_out");
+        g.norm(o, l.post_attn_norm, hp.rms_eps, o, "attn_post_norm");
+        g.add(x, o);
+        g.tap(x, "sa_out");
+
+        g.norm(x, l.ffn_norm, hp.rms_eps, h, "ffn_norm");
+        g.ffn(h, l.w_gate, l.w_up, l.w_down, Activation::GeluTanh, gu, o);
+        g.norm(o, l.post_ffn_norm, hp.rms_eps, o, "ffn_post_norm");
+        g.add(x, o);
+        g.tap(x, "l_out");
     }
-}
-
-impl Architecture for Gemma3 {
-    fn forward(
-        &self,
-        be: &CpuBackend,
-        kv: &mut KvPool,
-        batch: &Batch,
-        inputs: &[SeqInput<'_>],
-    ) -> Vec<f32> {
-        let hp = &self.hp;
-        let (n, d, hd) = (batch.len(), hp.n_embd, hp.head_dim);
-        let (qd, kvd, ff) = (hp.n_head * hd, hp.kv_dim(), hp.n_ff);
-
-        let mut x = vec![0f32; n * d]; // [n, n_embd] residual stream
-        for (row, &t) in x.chunks_exact_mut(d).zip(&batch.tokens) {
-            cpu::get_row(&self.tok_embd, t as usize, row);
-        }
-        cpu::scale(&mut x, (d as f32).sqrt());
-        debug_tensor("inp_scaled", &x, d);
-        let mut h = vec![0f32; n * d]; // [n, n_embd] normed input of a sub-block
-        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        let mut o = vec![0f32; n * d]; // [n, n_embd] sub-block output
-        let (mut g, mut u) = (vec![0f32; n * ff], vec![0f32; n * ff]); // [n, n_ff]
-
-        for (il, l) in self.layers.iter().enumerate() {
-            let (rope, attn) = if l.sliding {
-                (&self.rope_local, &self.attn_local)
-            } else {
-                (&self.rope_global, &self.attn_global)
-            };
-            cpu::rms_norm_into(&x, &l.attn_norm, hp.rms_eps, &mut h);
-            be.matmuls(
-                &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
-                &h,
-                n,
-            );
-            debug_tensor(&format!("attn_norm-{il}"), &h, d);
-            debug_tensor(&format!("Qcur-{il}"), &q, qd);
-            debug_tensor(&format!("Vcur-{il}"), &v, kvd);
-            cpu::rms_norm(&mut q, &l.q_norm, hp.rms_eps); // per head: rows of head_dim
-            cpu::rms_norm(&mut k, &l.k_norm, hp.rms_eps);
-            rope_rows(rope, &mut q, hd, batch);
-            rope_rows(rope, &mut k, hd, batch);
-            let a = attend(be, kv, il, batch, inputs, &q, &k, &v, attn); // [n, qd]
-            debug_tensor(&format!("kqv_out-{il}"), &a, qd);
-            be.matmul(&l.wo, &a, n, &mut o);
-            debug_tensor(&format!("attn_out-{il}"), &o, d);
-            cpu::rms_norm(&mut o, &l.post_attn_norm, hp.rms_eps);
-            cpu::add_in_place(&mut x, &o);
-            debug_tensor(&format!("sa_out-{il}"), &x, d);
-
-            cpu::rms_norm_into(&x, &l.ffn_norm, hp.rms_eps, &mut h);
-            be.matmuls(&mut [(&l.w_gate, &mut g), (&l.w_up, &mut u)], &h, n);
-            cpu::gelu_mul(&mut g, &u);
-            debug_tensor(&format!("ffn_geglu-{il}"), &g, ff);
-            be.matmul(&l.w_down, &g, n, &mut o);
-            debug_tensor(&format!("ffn_out-{il}"), &o, d);
-            cpu::rms_norm(&mut o, &l.post_ffn_norm, hp.rms_eps);
-            cpu::add_in_place(&mut x, &o);
-            debug_tensor(&format!("l_out-{il}"), &x, d);
-        }
-
-        let mut xo = batch.gather_out(&x, d); // [n_out, n_embd]
-        cpu::rms_norm(&mut xo, &self.output_norm, hp.rms_eps);
-        let n_out = batch.out_rows.len();
-        let mut logits = vec![0f32; n_out * hp.n_vocab];
-        if n_out > 0 {
-            be.matmul(&self.output, &xo, n_out, &mut logits);
-        }
-        logits
-    }
+    let logits = g.logits(x, output_norm, hp.rms_eps, output, xo);
+    let graph = g.finish(logits);
+    Ok((ws, graph))
 }

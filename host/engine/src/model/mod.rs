@@ -1,21 +1,24 @@
-//! Model loading and the architecture-independent part of the forward pass.
+//! Model loading and the forward pass's entry point.
 //!
-//! Each architecture lives in its own file (`llama.rs`, `qwen2.rs`, `gemma3.rs`), readable top to
-//! bottom: its weights with their shapes, then its forward pass over a [`Batch`]. What they share —
-//! hyperparameters from GGUF metadata, batch bookkeeping, the KV-cache write + attention step —
-//! is here.
+//! Each architecture lives in its own file (`llama.rs` — which also covers Qwen 2 —,
+//! `gemma3.rs`), readable top to bottom: its weights with their shapes, registered in a
+//! [`WeightSet`], then its forward pass described once as a [`Graph`] built from the shared
+//! blocks of [`crate::graph::GraphBuilder`]. A [`Model`] pairs that graph with a
+//! [`Backend`] that runs it; what is here is the architecture-independent part: hyperparameters
+//! from GGUF metadata, checks and KV reservations before a pass, the [`Pass`] description.
 
 mod gemma3;
 mod llama;
-mod qwen2;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::Error;
 
-use crate::backend::cpu::{AttnParams, CpuBackend, Rope};
-use crate::gguf::{GgufFile, TensorView};
+use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+use crate::gguf::GgufFile;
+use crate::graph::{AttnParams, Graph, OpHook, Pass, PassSeq, PrintTensors, Rope, WeightSet};
 use crate::kv::{KvLayout, KvPool, SeqCache};
 
 /// Which rows of logits a sequence wants back from a forward pass.
@@ -183,163 +186,42 @@ impl Hparams {
     }
 }
 
-/// Checks a weight's shape against what the architecture expects, naming it on mismatch.
-pub(crate) fn weight(f: &GgufFile, name: &str, shape: &[usize]) -> Result<TensorView, Error> {
-    let t = f.require_tensor(name)?;
-    if t.shape != shape {
-        return Err(Error::BadModel(format!(
-            "tensor {name} has shape {:?}, expected {shape:?}",
-            t.shape
-        )));
-    }
-    Ok(t)
-}
-
-/// A 1-D F32 weight (norms, biases) read into memory (they are tiny).
-pub(crate) fn vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, Error> {
-    Ok(crate::backend::cpu::to_f32_vec(&weight(f, name, &[len])?))
-}
-
-/// Flattened view of a batch: which sequence and position each token row belongs to.
-pub(crate) struct Batch {
-    pub tokens: Vec<u32>,
-    pub pos: Vec<usize>,
-    /// Per sequence: first row, number of rows, position of the first row.
-    pub seqs: Vec<(usize, usize, usize)>,
-    /// Rows whose logits are wanted, in output order.
-    pub out_rows: Vec<usize>,
-}
-
-impl Batch {
-    fn new(inputs: &[SeqInput<'_>]) -> Self {
-        let mut b = Batch {
-            tokens: Vec::new(),
-            pos: Vec::new(),
-            seqs: Vec::new(),
-            out_rows: Vec::new(),
-        };
-        for s in inputs {
-            let start = b.tokens.len();
-            let pos0 = s.cache.len();
-            b.tokens.extend_from_slice(s.tokens);
-            b.pos.extend((0..s.tokens.len()).map(|i| pos0 + i));
-            b.seqs.push((start, s.tokens.len(), pos0));
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last if !s.tokens.is_empty() => {
-                    b.out_rows.push(start + s.tokens.len() - 1)
-                }
-                LogitsWanted::Last => {}
-                LogitsWanted::All => b.out_rows.extend(start..start + s.tokens.len()),
-            }
-        }
-        b
-    }
-
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// Gathers the rows of x[len, width] whose logits are wanted.
-    pub fn gather_out(&self, x: &[f32], width: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.out_rows.len() * width);
-        for &r in &self.out_rows {
-            out.extend_from_slice(&x[r * width..(r + 1) * width]);
-        }
-        out
-    }
-}
-
-/// Stores the batch's keys and values in the cache, then runs attention for every sequence.
-/// q: [len, n_head*head_dim]; k, v: [len, kv_dim]; returns [len, n_head*head_dim].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attend(
-    be: &CpuBackend,
-    kv: &mut KvPool,
-    layer: usize,
-    batch: &Batch,
-    inputs: &[SeqInput<'_>],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    p: &AttnParams,
-) -> Vec<f32> {
-    let kvd = p.n_head_kv * p.head_dim;
-    let qd = p.n_head * p.head_dim;
-    for (s, &(start, n, pos0)) in inputs.iter().zip(&batch.seqs) {
-        for i in 0..n {
-            let r = start + i;
-            kv.write(
-                layer,
-                s.cache,
-                pos0 + i,
-                &k[r * kvd..(r + 1) * kvd],
-                &v[r * kvd..(r + 1) * kvd],
-            );
-        }
-    }
-    let mut out = vec![0f32; batch.len() * qd];
-    for (s, &(start, n, pos0)) in inputs.iter().zip(&batch.seqs) {
-        be.attention(
-            kv,
-            layer,
-            s.cache,
-            pos0,
-            &q[start * qd..(start + n) * qd],
-            &mut out[start * qd..(start + n) * qd],
-            p,
-        );
-    }
-    out
-}
-
-/// Applies RoPE to every row of x [len, n_heads*head_dim] at the row's position.
-pub(crate) fn rope_rows(rope: &Rope, x: &mut [f32], head_dim: usize, batch: &Batch) {
-    let width = x.len() / batch.len().max(1);
-    for (row, &pos) in x.chunks_exact_mut(width).zip(&batch.pos) {
-        rope.apply(row, head_dim, &rope.table(pos));
-    }
-}
-
-/// Prints a tensor's sum and corner values when `REALM_DEBUG_TENSORS` is set, in the layout of
-/// llama.cpp's `llama-eval-callback`, so a divergence can be located op by op.
-pub(crate) fn debug_tensor(name: &str, x: &[f32], width: usize) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var_os("REALM_DEBUG_TENSORS").is_some()) {
-        return;
-    }
-    let rows: Vec<&[f32]> = x.chunks(width).collect();
-    let show = |r: &[f32]| {
-        let n = r.len();
-        format!(
-            "[{:10.4} {:10.4} {:10.4} ... {:10.4} {:10.4} {:10.4}]",
-            r[0],
-            r[1],
-            r[2],
-            r[n - 3],
-            r[n - 2],
-            r[n - 1]
-        )
+/// The pass over `inputs`, whose caches have room for their tokens.
+fn pass_of<'a>(inputs: &'a [SeqInput<'_>], page_size: usize) -> Pass<'a> {
+    let mut p = Pass {
+        tokens: Vec::new(),
+        pos: Vec::new(),
+        seqs: Vec::with_capacity(inputs.len()),
+        out_rows: Vec::new(),
+        page_size,
     };
-    eprintln!(
-        "{name:>16}: {}x{width} first {} last {} sum = {:.6}",
-        rows.len(),
-        show(rows[0]),
-        show(rows[rows.len() - 1]),
-        x.iter().map(|&v| v as f64).sum::<f64>()
-    );
+    for s in inputs {
+        let start = p.tokens.len();
+        let pos0 = s.cache.len();
+        p.tokens.extend_from_slice(s.tokens);
+        p.pos.extend((0..s.tokens.len()).map(|i| pos0 + i));
+        p.seqs.push(PassSeq {
+            start,
+            len: s.tokens.len(),
+            pos0,
+            pages: s.cache.pages(),
+        });
+        match s.logits {
+            LogitsWanted::None => {}
+            LogitsWanted::Last if !s.tokens.is_empty() => {
+                p.out_rows.push(start + s.tokens.len() - 1)
+            }
+            LogitsWanted::Last => {}
+            LogitsWanted::All => p.out_rows.extend(start..start + s.tokens.len()),
+        }
+    }
+    p
 }
 
-/// What every architecture implements.
-pub(crate) trait Architecture: Send + Sync {
-    /// Runs the batch; returns logits [batch.out_rows.len(), n_vocab].
-    fn forward(
-        &self,
-        be: &CpuBackend,
-        kv: &mut KvPool,
-        batch: &Batch,
-        inputs: &[SeqInput<'_>],
-    ) -> Vec<f32>;
+/// Whether `REALM_DEBUG_TENSORS` asks for every named tensor of every pass on stderr.
+fn debug_tensors() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("REALM_DEBUG_TENSORS").is_some())
 }
 
 /// Options for [`Model::load`].
@@ -349,12 +231,14 @@ pub struct LoadOptions {
     pub threads: usize,
 }
 
-/// A loaded model: the mapping, its hyperparameters, its weights and a CPU backend.
+/// A loaded model: the mapping, its hyperparameters, its weights, its forward pass and the
+/// backend that runs it.
 pub struct Model {
     pub hparams: Hparams,
     pub file: Arc<GgufFile>,
-    arch: Box<dyn Architecture>,
-    backend: CpuBackend,
+    weights: Arc<WeightSet>,
+    graph: Graph,
+    backend: Box<dyn Backend>,
 }
 
 impl std::fmt::Debug for Model {
@@ -374,19 +258,28 @@ impl Model {
         Self::from_gguf(file, opts)
     }
 
+    /// The model on the CPU backend.
     pub fn from_gguf(file: GgufFile, opts: &LoadOptions) -> Result<Self, Error> {
+        let backend = CpuBackend::new(opts.threads).map_err(Error::Threads)?;
+        Self::with_backend(file, Box::new(backend))
+    }
+
+    /// The model on `backend`, which receives its weights here.
+    pub fn with_backend(file: GgufFile, mut backend: Box<dyn Backend>) -> Result<Self, Error> {
         let hp = Hparams::from_gguf(&file)?;
-        let arch: Box<dyn Architecture> = match hp.arch.as_str() {
-            "llama" | "mistral" => Box::new(llama::Llama::load(&file, &hp)?),
-            "qwen2" => Box::new(qwen2::Qwen2::load(&file, &hp)?),
-            "gemma3" => Box::new(gemma3::Gemma3::load(&file, &hp)?),
+        let (weights, graph) = match hp.arch.as_str() {
+            "llama" | "mistral" => llama::build(&file, &hp, llama::Flavor::Llama)?,
+            "qwen2" => llama::build(&file, &hp, llama::Flavor::Qwen2)?,
+            "gemma3" => gemma3::build(&file, &hp)?,
             other => return Err(Error::UnsupportedArchitecture(other.to_string())),
         };
-        let backend = CpuBackend::new(opts.threads).map_err(Error::Threads)?;
+        let weights = Arc::new(weights);
+        backend.load_weights(weights.clone())?;
         Ok(Model {
             hparams: hp,
             file: Arc::new(file),
-            arch,
+            weights,
+            graph,
             backend,
         })
     }
@@ -395,19 +288,56 @@ impl Model {
         self.backend.threads()
     }
 
-    /// A KV pool able to hold `tokens` positions in total (rounded up to whole pages).
-    pub fn new_kv_pool(&self, tokens: usize) -> KvPool {
-        KvPool::new(KvLayout {
+    /// The backend running this model (`cpu`, `reference`, `cuda`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The forward pass, as its backend runs it.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn weights(&self) -> &WeightSet {
+        &self.weights
+    }
+
+    /// A KV pool able to hold `tokens` positions in total (rounded up to whole pages), its pages
+    /// in the backend's memory.
+    pub fn new_kv_pool(&self, tokens: usize) -> Result<KvPool, Error> {
+        let layout = KvLayout {
             n_layers: self.hparams.n_layer,
             kv_dim: self.hparams.kv_dim(),
             page_size: KV_PAGE_SIZE,
             n_pages: tokens.div_ceil(KV_PAGE_SIZE).max(1),
-        })
+        };
+        Ok(KvPool::new(layout, self.backend.new_kv(layout)?))
     }
 
     /// One forward pass over a batch of sequences. Returns the wanted logits rows, in input order,
     /// concatenated ([rows, n_vocab]). On error no sequence has advanced.
     pub fn forward(&self, kv: &mut KvPool, inputs: &mut [SeqInput<'_>]) -> Result<Vec<f32>, Error> {
+        let mut print = debug_tensors().then_some(PrintTensors);
+        self.run(kv, inputs, print.as_mut().map(|p| p as &mut dyn OpHook))
+    }
+
+    /// [`Model::forward`], showing `hook` every tensor the graph names (llama.cpp's names:
+    /// `attn_norm-0`, `Qcur-0`, …, `result_output`) after the op that computed it.
+    pub fn forward_with_hook(
+        &self,
+        kv: &mut KvPool,
+        inputs: &mut [SeqInput<'_>],
+        hook: &mut dyn OpHook,
+    ) -> Result<Vec<f32>, Error> {
+        self.run(kv, inputs, Some(hook))
+    }
+
+    fn run(
+        &self,
+        kv: &mut KvPool,
+        inputs: &mut [SeqInput<'_>],
+        hook: Option<&mut dyn OpHook>,
+    ) -> Result<Vec<f32>, Error> {
         let max_ctx = self.hparams.n_ctx_train;
         for s in inputs.iter() {
             if let Some(&t) = s
@@ -439,18 +369,29 @@ impl Model {
                 return Err(e.into());
             }
         }
-        let batch = Batch::new(inputs);
-        if batch.len() == 0 {
+        let page_size = kv.layout().page_size;
+        let pass = pass_of(inputs, page_size);
+        if pass.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self
+        let result = self
             .backend
-            .install(|| self.arch.forward(&self.backend, kv, &batch, inputs));
-        self.backend.rest();
-        for s in inputs.iter_mut() {
-            kv.advance(s.cache, s.tokens.len());
+            .execute(&self.graph, &pass, kv.storage_mut(), hook);
+        drop(pass);
+        match result {
+            Ok(logits) => {
+                for s in inputs.iter_mut() {
+                    kv.advance(s.cache, s.tokens.len());
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                for s in inputs.iter_mut() {
+                    kv.trim(s.cache);
+                }
+                Err(e.into())
+            }
         }
-        Ok(logits)
     }
 }
 

@@ -65,7 +65,7 @@ fn batched_sequences_equal_separate_runs() {
     let a: Vec<u32> = vec![1, 450, 382, 2593, 295, 23615];
     let b: Vec<u32> = vec![1, 13, 29909];
     // Separately.
-    let mut pool = m.new_kv_pool(64);
+    let mut pool = m.new_kv_pool(64).unwrap();
     let (mut ca, mut cb) = (SeqCache::new(), SeqCache::new());
     let la = m
         .forward(
@@ -88,7 +88,7 @@ fn batched_sequences_equal_separate_runs() {
         )
         .unwrap();
     // Together, in one pass over a fresh pool.
-    let mut pool2 = m.new_kv_pool(128);
+    let mut pool2 = m.new_kv_pool(128).unwrap();
     let (mut ca2, mut cb2) = (SeqCache::new(), SeqCache::new());
     let both = m
         .forward(
@@ -156,9 +156,9 @@ fn batched_sequences_equal_separate_runs() {
 fn prefill_in_one_batch_equals_token_by_token() {
     let m = tiny_llama();
     let toks: Vec<u32> = vec![1, 450, 382, 2593, 295, 23615, 338, 5982];
-    let mut s1 = Session::new(&m, 16);
+    let mut s1 = Session::new(&m, 16).unwrap();
     let all = s1.feed_all_logits(&toks).unwrap();
-    let mut s2 = Session::new(&m, 16);
+    let mut s2 = Session::new(&m, 16).unwrap();
     let v = m.hparams.n_vocab;
     for (i, &t) in toks.iter().enumerate() {
         let l = s2.feed(&[t]).unwrap();
@@ -175,9 +175,9 @@ fn decode_over_a_long_context_equals_the_batch() {
     let kvd = m.hparams.n_head_kv * m.hparams.head_dim;
     let n = crate::backend::cpu::LONG_DECODE_CONVERT / kvd + 8;
     let toks: Vec<u32> = (0..n as u32).map(|i| 1 + (i * 7919) % 3000).collect();
-    let mut batch = Session::new(&m, n);
+    let mut batch = Session::new(&m, n).unwrap();
     let all = batch.feed_all_logits(&toks).unwrap();
-    let mut steps = Session::new(&m, n);
+    let mut steps = Session::new(&m, n).unwrap();
     steps.feed(&toks[..n - 8]).unwrap();
     let v = m.hparams.n_vocab;
     for i in n - 8..n {
@@ -190,7 +190,7 @@ fn decode_over_a_long_context_equals_the_batch() {
 fn truncate_then_refeed_reproduces_logits() {
     let m = tiny_llama();
     let toks: Vec<u32> = vec![1, 450, 382, 2593, 295];
-    let mut s = Session::new(&m, 16);
+    let mut s = Session::new(&m, 16).unwrap();
     let first = s.feed(&toks).unwrap();
     s.truncate(3);
     assert_eq!(s.len(), 3);
@@ -201,7 +201,7 @@ fn truncate_then_refeed_reproduces_logits() {
 #[test]
 fn bad_tokens_and_full_context_are_errors_and_change_nothing() {
     let m = tiny_llama();
-    let mut pool = m.new_kv_pool(40);
+    let mut pool = m.new_kv_pool(40).unwrap();
     let mut c = SeqCache::new();
     let e = m
         .forward(

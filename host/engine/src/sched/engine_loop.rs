@@ -21,6 +21,7 @@ use crate::model::{LogitsWanted, Model, SeqInput};
 pub(super) fn spawn(
     model: Arc<Model>,
     cfg: EngineConfig,
+    pool: KvPool,
     rx: Receiver<Msg>,
     stats: Arc<Mutex<EngineStats>>,
 ) {
@@ -30,7 +31,7 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("realm-engine".into())
         .spawn(move || {
-            let engine = EngineLoop::new(model, cfg, stats);
+            let engine = EngineLoop::new(model, cfg, pool, stats);
             let _ = ready_tx.send(());
             engine.run(rx)
         })
@@ -182,8 +183,12 @@ struct EngineLoop {
 }
 
 impl EngineLoop {
-    fn new(model: Arc<Model>, cfg: EngineConfig, shared_stats: Arc<Mutex<EngineStats>>) -> Self {
-        let pool = model.new_kv_pool(cfg.kv_tokens);
+    fn new(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        pool: KvPool,
+        shared_stats: Arc<Mutex<EngineStats>>,
+    ) -> Self {
         let page_size = pool.layout().page_size;
         let mut this = EngineLoop {
             model,

@@ -196,14 +196,16 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread for `model`, with a KV pool of `cfg.kv_tokens` positions.
-    pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Engine {
+    /// Starts the engine thread for `model`, with a KV pool of `cfg.kv_tokens` positions (fails
+    /// if the model's backend cannot make that pool).
+    pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Result<Engine, crate::Error> {
+        let pool = model.new_kv_pool(cfg.kv_tokens)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
-        engine_loop::spawn(model.clone(), cfg, rx, stats.clone());
-        Engine {
+        engine_loop::spawn(model.clone(), cfg, pool, rx, stats.clone());
+        Ok(Engine {
             shared: Arc::new(Shared { tx, model, stats }),
-        }
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {

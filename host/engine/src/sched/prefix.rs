@@ -159,12 +159,13 @@ mod tests {
     use crate::kv::{KvLayout, SeqCache};
 
     fn pool(n_pages: usize) -> KvPool {
-        KvPool::new(KvLayout {
+        let layout = KvLayout {
             n_layers: 1,
             kv_dim: 2,
             page_size: 2,
             n_pages,
-        })
+        };
+        KvPool::new(layout, Box::new(crate::backend::cpu::CpuKv::new(layout)))
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn alone(m: &Model, p: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
 /// `follow`'s tokens whatever this run's own winner (so that two runs can be compared step by
 /// step even past a near-tie that one breaks the other way).
 fn forced(m: &Model, p: &[u32], steps: usize, follow: Option<&[u32]>) -> Run {
-    let mut s = Session::new(m, p.len() + steps + 1);
+    let mut s = Session::new(m, p.len() + steps + 1).unwrap();
     let mut logits = vec![s.feed(p).unwrap()];
     let mut toks = Vec::new();
     for i in 0..steps {
@@ -128,7 +128,7 @@ fn small_batches() -> EngineConfig {
 #[test]
 fn batched_generation_equals_each_sequence_alone() {
     let m = tiny_llama();
-    let engine = Engine::start(m.clone(), small_batches());
+    let engine = Engine::start(m.clone(), small_batches()).unwrap();
     let prompts = [prompt(1, 5), prompt(2, 40), prompt(3, 77), prompt(4, 3)];
     let steps = [6, 12, 4, 9];
 
@@ -180,7 +180,7 @@ fn batched_generation_equals_each_sequence_alone() {
 #[test]
 fn fork_and_prefix_reuse_equal_recomputation() {
     let m = tiny_llama();
-    let engine = Engine::start(m.clone(), small_batches());
+    let engine = Engine::start(m.clone(), small_batches()).unwrap();
     let p = prompt(9, 70); // two full pages of 32 and 6 tokens more
     block_on(async {
         let a = engine.open("t").await.unwrap();
@@ -233,7 +233,7 @@ fn fork_and_prefix_reuse_equal_recomputation() {
 #[test]
 fn quotas_are_enforced_with_named_errors() {
     let m = tiny_llama();
-    let engine = Engine::start(m, small_batches());
+    let engine = Engine::start(m, small_batches()).unwrap();
     engine.set_tenant(
         "q",
         TenantLimits {
@@ -279,7 +279,8 @@ fn full_pool_preempts_the_youngest_and_recomputes_it() {
             prefix_cache: false,
             ..small_batches()
         },
-    );
+    )
+    .unwrap();
     let pa = prompt(5, 90); // 3 pages
     let pb = prompt(6, 60); // 2 pages
     block_on(async {
@@ -331,7 +332,8 @@ fn a_tenant_above_its_share_of_the_pool_is_preempted_first() {
             prefix_cache: false,
             ..small_batches()
         },
-    );
+    )
+    .unwrap();
     block_on(async {
         // The hog, alone, may fill the whole pool: four sequences of 2 pages.
         let mut hog = Vec::new();
@@ -407,7 +409,8 @@ fn explicit_kv_quota_still_caps_a_tenant_alone() {
             prefix_cache: false,
             ..small_batches()
         },
-    );
+    )
+    .unwrap();
     engine.set_tenant(
         "capped",
         TenantLimits {
@@ -434,7 +437,7 @@ fn explicit_kv_quota_still_caps_a_tenant_alone() {
 #[test]
 fn many_streams_of_one_tenant_do_not_starve_another_tenants_prompt() {
     let m = tiny_llama();
-    let engine = Engine::start(m, small_batches());
+    let engine = Engine::start(m, small_batches()).unwrap();
     block_on(async {
         // 30 streams: more decoding sequences than a pass's 24 tokens.
         let mut seqs = Vec::new();
@@ -487,7 +490,7 @@ fn many_streams_of_one_tenant_do_not_starve_another_tenants_prompt() {
 #[test]
 fn tenants_share_steps_fairly() {
     let m = tiny_llama();
-    let engine = Engine::start(m, small_batches());
+    let engine = Engine::start(m, small_batches()).unwrap();
     block_on(async {
         let mut seqs = Vec::new();
         for _ in 0..6 {
@@ -523,7 +526,7 @@ fn tenants_share_steps_fairly() {
 #[test]
 fn closing_and_cancelling_free_pages_at_once() {
     let m = tiny_llama();
-    let engine = Engine::start(m, small_batches());
+    let engine = Engine::start(m, small_batches()).unwrap();
     block_on(async {
         let a = engine.open("t").await.unwrap();
         a.feed(prompt(1, 100), false).await.unwrap();
@@ -553,7 +556,7 @@ fn closing_and_cancelling_free_pages_at_once() {
 fn errors_are_answers_not_crashes() {
     let m = tiny_llama();
     let n_vocab = m.hparams.n_vocab;
-    let engine = Engine::start(m, small_batches());
+    let engine = Engine::start(m, small_batches()).unwrap();
     block_on(async {
         let a = engine.open("t").await.unwrap();
         let e = a.feed(vec![n_vocab as u32], true).await.unwrap_err();
@@ -576,7 +579,7 @@ fn errors_are_answers_not_crashes() {
 #[test]
 fn tokens_per_minute_throttles_instead_of_failing() {
     let m = tiny_llama();
-    let engine = Engine::start(m, small_batches());
+    let engine = Engine::start(m, small_batches()).unwrap();
     engine.set_tenant(
         "slow",
         TenantLimits {
@@ -618,8 +621,8 @@ fn two_models_serve_at_once() {
         .unwrap(),
     );
     let (e1, e2) = (
-        Engine::start(llama.clone(), small_batches()),
-        Engine::start(qwen.clone(), small_batches()),
+        Engine::start(llama.clone(), small_batches()).unwrap(),
+        Engine::start(qwen.clone(), small_batches()).unwrap(),
     );
     let (p1, p2) = (prompt(1, 20), prompt(2, 20));
     let runs: Vec<Task<'_, Vec<f32>>> = vec![

@@ -154,7 +154,8 @@ fn world() -> &'static World {
                 kv_tokens: 1024,
                 ..EngineConfig::default()
             },
-        );
+        )
+        .expect("start the engine");
         let rt = Runtime::new(RuntimeConfig {
             max_instances: 4,
             max_memory_bytes: 64 << 20,
