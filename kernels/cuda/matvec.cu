@@ -262,11 +262,30 @@ __device__ void matvec(const u8* __restrict__ w, unsigned long long row_bytes,
     }
 }
 
+// Embedding lookup: out[i] = row ids[i] of W, dequantized (the twin of quant::dequantize_row).
+// One block per output row; each thread dequantizes 16-element chunks.
+template <class T>
+__device__ void get_rows(const u8* __restrict__ w, unsigned long long row_bytes,
+                         const u32* __restrict__ ids, float* __restrict__ out, int ncols) {
+    const u8* wr = w + (unsigned long long)ids[blockIdx.x] * row_bytes;
+    float* o = out + (unsigned long long)blockIdx.x * ncols;
+    const int per_block = T::QK / 16;
+    float wv[16];
+    for (int k = threadIdx.x; k < ncols / 16; k += blockDim.x) {
+        T::dequant16(wr + (unsigned long long)(k / per_block) * T::BYTES, k % per_block, wv);
+        for (int i = 0; i < 16; i++) o[16 * k + i] = wv[i];
+    }
+}
+
 #define MATVEC(name, T)                                                                        \
     extern "C" __global__ void matvec_##name(const u8* w, unsigned long long row_bytes,         \
                                              const float* x, float* y, int ncols, int nrows,    \
                                              int nvec) {                                        \
         matvec<T>(w, row_bytes, x, y, ncols, nrows, nvec);                                     \
+    }                                                                                          \
+    extern "C" __global__ void get_rows_##name(const u8* w, unsigned long long row_bytes,       \
+                                               const u32* ids, float* out, int ncols) {         \
+        get_rows<T>(w, row_bytes, ids, out, ncols);                                            \
     }
 
 MATVEC(f32, F32)

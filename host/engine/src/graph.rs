@@ -184,6 +184,12 @@ pub enum Activation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RopeId(u32);
 
+impl RopeId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// Attention parameters of a layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnParams {

@@ -15,7 +15,7 @@ pub mod synth;
 pub mod template;
 pub mod tokenizer;
 
-pub use model::{LoadOptions, LogitsWanted, Model, SeqInput};
+pub use model::{BackendChoice, LoadOptions, LogitsWanted, Model, SeqInput};
 pub use session::Session;
 
 /// Everything the engine can fail with.

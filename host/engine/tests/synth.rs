@@ -131,7 +131,14 @@ fn check_model(preset: &str, quant: QuantMix) {
     );
     drop(f);
 
-    let model = Model::load(&path, &LoadOptions { threads: 2 }).unwrap();
+    let model = Model::load(
+        &path,
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(model.hparams.n_vocab, spec.n_vocab);
     assert_eq!(model.hparams.n_layer, spec.n_layer);
     assert_eq!(model.hparams.head_dim, spec.head_dim);

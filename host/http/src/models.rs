@@ -100,7 +100,13 @@ impl Models {
         }
         let p = path.to_path_buf();
         let model = tokio::task::spawn_blocking(move || {
-            realm_engine::Model::load(&p, &realm_engine::model::LoadOptions { threads })
+            realm_engine::Model::load(
+                &p,
+                &realm_engine::model::LoadOptions {
+                    threads,
+                    ..Default::default()
+                },
+            )
         })
         .await
         .map_err(|e| ModelError::Load {

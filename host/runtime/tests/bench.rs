@@ -26,7 +26,16 @@ async fn guest_decode_and_instantiation() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
     let runs = 5;
-    let model = Arc::new(Model::load(&path, &LoadOptions { threads: 2 }).expect("model"));
+    let model = Arc::new(
+        Model::load(
+            &path,
+            &LoadOptions {
+                threads: 2,
+                ..Default::default()
+            },
+        )
+        .expect("model"),
+    );
     let engine = Engine::start(model.clone(), EngineConfig::default()).unwrap();
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
     rt.add_model("m", engine.clone()).unwrap();

@@ -17,7 +17,14 @@ fn model_path(name: &str) -> String {
 }
 
 fn setup(model: &str) -> (Runtime, Engine) {
-    let m = Model::load(model_path(model), &LoadOptions { threads: 1 }).expect("load model");
+    let m = Model::load(
+        model_path(model),
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .expect("load model");
     let e = Engine::start(
         Arc::new(m),
         EngineConfig {

@@ -18,7 +18,14 @@ const MODEL: &str = concat!(
 );
 
 fn engine() -> Engine {
-    let model = Model::load(MODEL, &LoadOptions { threads: 1 }).expect("load tiny model");
+    let model = Model::load(
+        MODEL,
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .expect("load tiny model");
     Engine::start(
         Arc::new(model),
         EngineConfig {

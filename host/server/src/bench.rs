@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use realm_engine::session::argmax;
-use realm_engine::{LoadOptions, Model, Session};
+use realm_engine::{Model, Session};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -28,6 +28,8 @@ pub struct Args {
     /// Worker threads (0 = physical cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    backend: crate::backend_args::BackendArgs,
     /// Timed repetitions of each test (after one untimed warm-up).
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -81,8 +83,9 @@ pub fn run(a: Args) -> Result<()> {
         anyhow::bail!("--depth applies to the single-sequence pp/tg tests, not to --concurrency");
     }
     let t0 = Instant::now();
-    let model = Model::load(&a.model, &LoadOptions { threads: a.threads })
+    let model = Model::load(&a.model, &a.backend.load_options(a.threads))
         .with_context(|| format!("loading {}", a.model.display()))?;
+    eprintln!("backend: {}", model.backend_note());
     let load_s = t0.elapsed().as_secs_f64();
     if !a.concurrency.is_empty() {
         return concurrent(a, model, load_s);
@@ -151,6 +154,7 @@ pub fn run(a: Args) -> Result<()> {
                 "name": hp.name,
                 "arch": hp.arch,
                 "threads": model.threads(),
+                "backend": model.backend_name(),
                 "load_s": load_s,
                 "prompt_tokens": a.prompt_tokens,
                 "gen_tokens": a.gen_tokens,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use realm_engine::session::{argmax, top_k};
 use realm_engine::tokenizer::Tokenizer;
-use realm_engine::{LoadOptions, Model, Session};
+use realm_engine::{Model, Session};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -37,6 +37,8 @@ pub struct Args {
     /// Worker threads (0 = physical cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    backend: crate::backend_args::BackendArgs,
 }
 
 #[derive(Deserialize)]
@@ -109,8 +111,9 @@ pub fn run(a: Args) -> Result<()> {
     if prompts.is_empty() {
         bail!("nothing to evaluate: give --prompt, --tokens or --prompts-file");
     }
-    let model = Model::load(&a.model, &LoadOptions { threads: a.threads })
+    let model = Model::load(&a.model, &a.backend.load_options(a.threads))
         .with_context(|| format!("loading {}", a.model.display()))?;
+    eprintln!("backend: {}", model.backend_note());
     let tokenizer = Tokenizer::from_gguf(&model.file);
     if let Ok(t) = &tokenizer {
         for w in t.warnings() {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use realm_engine::Model;
 use realm_engine::sample::{Sampler, SamplingParams};
 use realm_engine::sched::{Engine, EngineConfig};
 use realm_engine::tokenizer::Tokenizer;
-use realm_engine::{LoadOptions, Model};
 use realm_runtime::{GuestLimits, InvokeContext, Runtime, RuntimeConfig, builtin};
 use serde_json::json;
 
@@ -37,6 +37,8 @@ struct Common {
     /// Worker threads (0 = physical cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    backend: crate::backend_args::BackendArgs,
     /// KV-cache size in tokens.
     #[arg(long, default_value_t = 8192)]
     kv_tokens: usize,
@@ -103,13 +105,8 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn start(common: &Common) -> Result<(Runtime, Engine)> {
-    let model = Model::load(
-        &common.model,
-        &LoadOptions {
-            threads: common.threads,
-        },
-    )
-    .with_context(|| format!("loading {}", common.model.display()))?;
+    let model = Model::load(&common.model, &common.backend.load_options(common.threads))
+        .with_context(|| format!("loading {}", common.model.display()))?;
     let engine = Engine::start(
         Arc::new(model),
         EngineConfig {

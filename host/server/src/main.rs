@@ -1,5 +1,6 @@
 //! `realm`: the command-line front end (and, later, the server).
 
+mod backend_args;
 mod bench;
 mod eval;
 mod gpu;

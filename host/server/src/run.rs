@@ -54,6 +54,8 @@ pub struct Args {
     /// Worker threads (0 = physical cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    backend: crate::backend_args::BackendArgs,
     /// Context size in tokens (capped at the model's training context).
     #[arg(long = "ctx", default_value_t = 4096)]
     ctx: usize,
@@ -83,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let params = a.sampling();
     params.validate()?;
-    let model = load(&a.model, a.threads)?;
+    let model = load(&a.model, &a.backend.load_options(a.threads))?;
     let tok = Tokenizer::from_gguf(&model.file).context("reading the model's tokenizer")?;
     let mut generator = Generator {
         session: Session::new(&model, a.ctx)?,
@@ -109,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Loads the model; on a terminal with a spinner naming the file, and a line saying how long it
 /// took. Nothing is printed when stderr is not a terminal.
-fn load(path: &Path, threads: usize) -> Result<Model> {
+fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let tty = std::io::stderr().is_terminal();
     let spinner = tty.then(|| {
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -127,8 +129,7 @@ fn load(path: &Path, threads: usize) -> Result<Model> {
         pb
     });
     let t0 = Instant::now();
-    let model = Model::load(path, &LoadOptions { threads })
-        .with_context(|| format!("loading {}", path.display()));
+    let model = Model::load(path, opts).with_context(|| format!("loading {}", path.display()));
     if let Some(pb) = spinner {
         pb.finish_and_clear();
     }

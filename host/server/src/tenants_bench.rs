@@ -42,7 +42,13 @@ fn own_memory() -> Result<Value> {
 /// Child: serve `tenants` tenants at once, say "ready", wait for a line on stdin, then print
 /// this process's memory as JSON and wait for stdin to close.
 pub fn child(model_path: &Path, tenants: usize, gen_tokens: usize, threads: usize) -> Result<()> {
-    let model = Arc::new(Model::load(model_path, &LoadOptions { threads })?);
+    let model = Arc::new(Model::load(
+        model_path,
+        &LoadOptions {
+            threads,
+            ..Default::default()
+        },
+    )?);
     let engine = Engine::start(model, EngineConfig::default())?;
     let runtime = Runtime::new(RuntimeConfig::default())?;
     runtime.add_model("m", engine.clone())?;

@@ -52,5 +52,5 @@ fuzz_target!(|data: &[u8]| {
     }
     black_box(Hparams::from_gguf(&f).ok());
     // Loading a valid seed succeeds; anything else must be an error.
-    black_box(Model::from_gguf(f, &LoadOptions { threads: 1 }).ok());
+    black_box(Model::from_gguf(f, &LoadOptions { threads: 1, ..Default::default() }).ok());
 });

@@ -218,17 +218,61 @@ fn pass_of<'a>(inputs: &'a [SeqInput<'_>], page_size: usize) -> Pass<'a> {
     p
 }
 
+/// Opens the CUDA backend on GPU `ordinal`, with a one-line description of the device.
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<(Box<dyn Backend>, String), Error> {
+    let cache = crate::backend::cuda::default_cache_dir();
+    let b = crate::backend::cuda::CudaBackend::open(ordinal, cache.as_deref())
+        .map_err(|e| Error::Backend(crate::backend::BackendError::Device(e.to_string())))?;
+    let info = b.device().info().to_string();
+    Ok((Box::new(b), info))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> Result<(Box<dyn Backend>, String), Error> {
+    Err(Error::Backend(crate::backend::BackendError::Device(
+        "this build has no CUDA support (build with `--features cuda`)".into(),
+    )))
+}
+
 /// Whether `REALM_DEBUG_TENSORS` asks for every named tensor of every pass on stderr.
 fn debug_tensors() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("REALM_DEBUG_TENSORS").is_some())
 }
 
+/// Which backend runs a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU (builds with the `cuda` feature); an error if none can be used.
+    Cuda,
+    /// CUDA when a driver and a device are present (and the build has the feature), else the
+    /// CPU; [`Model::backend_note`] says which and why.
+    Auto,
+}
+
+impl BackendChoice {
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Self::Cpu),
+            "cuda" => Some(Self::Cuda),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+}
+
 /// Options for [`Model::load`].
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// Worker threads; 0 = one per physical core.
+    /// CPU worker threads; 0 = one per physical core.
     pub threads: usize,
+    pub backend: BackendChoice,
+    /// Which GPU (CUDA device ordinal) for a GPU backend.
+    pub gpu: usize,
 }
 
 /// A loaded model: the mapping, its hyperparameters, its weights, its forward pass and the
@@ -239,6 +283,7 @@ pub struct Model {
     weights: Arc<WeightSet>,
     graph: Graph,
     backend: Box<dyn Backend>,
+    backend_note: String,
 }
 
 impl std::fmt::Debug for Model {
@@ -258,10 +303,27 @@ impl Model {
         Self::from_gguf(file, opts)
     }
 
-    /// The model on the CPU backend.
+    /// The model on the backend `opts` asks for.
     pub fn from_gguf(file: GgufFile, opts: &LoadOptions) -> Result<Self, Error> {
-        let backend = CpuBackend::new(opts.threads).map_err(Error::Threads)?;
-        Self::with_backend(file, Box::new(backend))
+        let cpu = || -> Result<Box<dyn Backend>, Error> {
+            Ok(Box::new(
+                CpuBackend::new(opts.threads).map_err(Error::Threads)?,
+            ))
+        };
+        let (backend, note) = match opts.backend {
+            BackendChoice::Cpu => (cpu()?, "cpu (asked for)".to_string()),
+            BackendChoice::Cuda => {
+                let (b, info) = open_cuda(opts.gpu)?;
+                (b, format!("cuda (asked for): {info}"))
+            }
+            BackendChoice::Auto => match open_cuda(opts.gpu) {
+                Ok((b, info)) => (b, format!("cuda (auto): {info}")),
+                Err(e) => (cpu()?, format!("cpu (auto: {e})")),
+            },
+        };
+        let mut m = Self::with_backend(file, backend)?;
+        m.backend_note = note;
+        Ok(m)
     }
 
     /// The model on `backend`, which receives its weights here.
@@ -275,13 +337,21 @@ impl Model {
         };
         let weights = Arc::new(weights);
         backend.load_weights(weights.clone())?;
+        let backend_note = backend.name().to_string();
         Ok(Model {
             hparams: hp,
             file: Arc::new(file),
             weights,
             graph,
             backend,
+            backend_note,
         })
+    }
+
+    /// Which backend runs the model and why (`cuda (auto): cuda:0 NVIDIA H100 ...`, or
+    /// `cpu (auto: no CUDA driver library ...)`): one line for logs.
+    pub fn backend_note(&self) -> &str {
+        &self.backend_note
     }
 
     pub fn threads(&self) -> usize {

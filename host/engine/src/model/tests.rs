@@ -15,7 +15,10 @@ fn fixture(name: &str) -> PathBuf {
 fn tiny_llama() -> Model {
     Model::load(
         fixture("tiny-llama-mixed.gguf"),
-        &LoadOptions { threads: 2 },
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
     )
     .unwrap()
 }

@@ -29,7 +29,16 @@ fn stats_when(engine: &Engine, ok: impl Fn(&EngineStats) -> bool) -> EngineStats
 fn tiny_llama() -> Arc<Model> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models/tiny-llama-mixed.gguf");
-    Arc::new(Model::load(path, &LoadOptions { threads: 2 }).unwrap())
+    Arc::new(
+        Model::load(
+            path,
+            &LoadOptions {
+                threads: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
 }
 
 struct Unpark(Thread);
@@ -616,7 +625,10 @@ fn two_models_serve_at_once() {
         Model::load(
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../../tests/fixtures/models/tiny-qwen2-gpt2vocab.gguf"),
-            &LoadOptions { threads: 2 },
+            &LoadOptions {
+                threads: 2,
+                ..Default::default()
+            },
         )
         .unwrap(),
     );

@@ -146,7 +146,14 @@ fn world() -> &'static World {
         };
         let path = std::env::temp_dir().join(format!("realm-fuzz-{}.gguf", std::process::id()));
         realm_engine::synth::write(&spec, &path, &mut |_, _, _| {}).expect("synth model");
-        let model = Model::load(&path, &LoadOptions { threads: 1 }).expect("load synth model");
+        let model = Model::load(
+            &path,
+            &LoadOptions {
+                threads: 1,
+                ..Default::default()
+            },
+        )
+        .expect("load synth model");
         let _ = std::fs::remove_file(&path);
         let engine = Engine::start(
             Arc::new(model),

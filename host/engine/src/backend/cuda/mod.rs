@@ -18,6 +18,9 @@
 //! The sources include no headers (NVRTC finds none by itself).
 
 mod check;
+mod exec;
+
+pub use exec::{CudaBackend, CudaKv};
 
 pub use check::{CheckRow, TOLERANCE, check_kernels};
 
@@ -32,6 +35,23 @@ use crate::quant::GgmlType;
 
 /// `kernels/cuda/matvec.cu`: every tensor type's matrix × activation-rows kernel.
 pub const MATVEC_SRC: &str = include_str!("../../../../../kernels/cuda/matvec.cu");
+/// The other ops of a forward pass (norms, RoPE, KV store, attention, ...).
+pub const OPS_SRC: &str = include_str!("../../../../../kernels/cuda/ops.cu");
+/// Every kernel file, by name.
+pub const KERNELS: &[(&str, &str)] = &[("matvec", MATVEC_SRC), ("ops", OPS_SRC)];
+/// Names of the kernels in ops.cu.
+const OPS_FNS: &[&str] = &[
+    "rms_norm",
+    "scale",
+    "add",
+    "add_bias",
+    "glu_silu",
+    "glu_gelu",
+    "rope",
+    "store_kv",
+    "attention",
+    "gather_rows",
+];
 
 /// Activation rows one `matvec_*` launch handles (`MAX_NV` in the source).
 const MAX_NV: usize = 8;
@@ -304,10 +324,15 @@ fn cached_cubin(
 pub struct Device {
     info: DeviceInfo,
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    _matvec: Arc<CudaModule>,
+    pub(crate) stream: Arc<CudaStream>,
+    /// Every loaded kernel file, kept alive for its functions.
+    _modules: Vec<Arc<CudaModule>>,
     /// `matvec_*` per [`GgmlType::index`].
-    matvec_fns: Vec<Option<CudaFunction>>,
+    pub(crate) matvec_fns: Vec<Option<CudaFunction>>,
+    /// `get_rows_*` (embedding lookup) per [`GgmlType::index`].
+    pub(crate) get_rows_fns: Vec<Option<CudaFunction>>,
+    /// The kernels of ops.cu by name.
+    pub(crate) ops: std::collections::HashMap<&'static str, CudaFunction>,
     /// Whether the kernels came from the disk cache (else they were compiled now).
     pub kernels_cached: bool,
 }
@@ -363,24 +388,43 @@ impl Device {
                 driver_version,
                 nvrtc_version,
             };
-            let (cubin, kernels_cached) = cached_cubin(cache, "matvec", MATVEC_SRC, &info)?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                .map_err(driver_err("loading the matvec kernels"))?;
-            let mut matvec_fns = vec![None; GgmlType::ALL.len()];
-            for ty in GgmlType::ALL {
-                let f = module
-                    .load_function(&format!("matvec_{}", type_suffix(ty)))
-                    .map_err(driver_err(format!("loading matvec_{}", type_suffix(ty))))?;
-                matvec_fns[ty.index()] = Some(f);
+            let mut kernels_cached = true;
+            let mut modules = Vec::new();
+            for (name, src) in KERNELS {
+                let (cubin, cached) = cached_cubin(cache, name, src, &info)?;
+                kernels_cached &= cached;
+                modules.push(
+                    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                        .map_err(driver_err(format!("loading the {name} kernels")))?,
+                );
             }
+            let load = |m: &Arc<CudaModule>, f: &str| {
+                m.load_function(f)
+                    .map_err(driver_err(format!("loading kernel {f}")))
+            };
+            let mut matvec_fns = vec![None; GgmlType::ALL.len()];
+            let mut get_rows_fns = vec![None; GgmlType::ALL.len()];
+            for ty in GgmlType::ALL {
+                let t = type_suffix(ty);
+                matvec_fns[ty.index()] = Some(load(&modules[0], &format!("matvec_{t}"))?);
+                get_rows_fns[ty.index()] = Some(load(&modules[0], &format!("get_rows_{t}"))?);
+            }
+            let mut ops = std::collections::HashMap::new();
+            for f in OPS_FNS {
+                ops.insert(*f, load(&modules[1], f)?);
+            }
+            // SAFETY: every buffer of a device backend is used on its one stream, in order, so
+            // cudarc's cross-stream events are not needed (and they would stop graph capture).
+            unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream().map_err(driver_err("creating a stream"))?;
             Ok(Device {
                 info,
                 ctx,
                 stream,
-                _matvec: module,
+                _modules: modules,
                 matvec_fns,
+                get_rows_fns,
+                ops,
                 kernels_cached,
             })
         })
@@ -497,8 +541,8 @@ pub struct DeviceMatrix {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
-    row_bytes: usize,
-    buf: CudaSlice<u8>,
+    pub(crate) row_bytes: usize,
+    pub(crate) buf: CudaSlice<u8>,
 }
 
 impl DeviceMatrix {
@@ -540,7 +584,9 @@ mod tests {
             eprintln!("skipped: {e} (scripts/nvrtc.sh installs one)");
             return;
         }
-        let cubin = compile_cubin("matvec", MATVEC_SRC, 90).expect("matvec.cu compiles");
-        assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+        for (name, src) in KERNELS {
+            let cubin = compile_cubin(name, src, 90).unwrap_or_else(|e| panic!("{name}.cu: {e}"));
+            assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+        }
     }
 }
