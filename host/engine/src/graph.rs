@@ -279,14 +279,13 @@ impl Op {
     /// skips every op on `Rows::Out` buffers).
     pub fn rows_of(&self) -> Buf {
         match self {
-            Op::Embed { out, .. } => *out,
+            Op::Embed { out, .. } | Op::GatherOut { out, .. } => *out,
             Op::Scale { x, .. }
             | Op::RmsNorm { x, .. }
             | Op::MatMul { x, .. }
             | Op::AddBias { x, .. }
             | Op::Rope { x, .. }
-            | Op::Add { x, .. }
-            | Op::GatherOut { x, .. } => *x,
+            | Op::Add { x, .. } => *x,
             Op::StoreKv { k, .. } => *k,
             Op::Attention { q, .. } => *q,
             Op::Glu { gate, .. } => *gate,

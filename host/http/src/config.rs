@@ -63,6 +63,11 @@ pub struct Config {
     pub default_model: Option<String>,
     /// CPU threads for the engine (0 = all cores).
     pub threads: usize,
+    /// What runs the models: `auto` (CUDA when the build has it and a GPU is usable, else the
+    /// CPU; the choice and why are logged per model), `cpu` or `cuda`.
+    pub backend: realm_engine::BackendChoice,
+    /// Which GPU (CUDA device number) when the backend is a GPU.
+    pub gpu: usize,
     /// `text` (human) or `json` (one object per line) logs.
     pub log_format: LogFormat,
     pub limits: Limits,
@@ -142,6 +147,8 @@ impl Default for Config {
             metrics_token: None,
             default_model: None,
             threads: 0,
+            backend: realm_engine::BackendChoice::Auto,
+            gpu: 0,
             log_format: LogFormat::Text,
             limits: Limits::default(),
             engine: EngineSettings::default(),
@@ -151,6 +158,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How models are loaded: threads, backend and GPU.
+    pub fn load_options(&self) -> realm_engine::model::LoadOptions {
+        realm_engine::model::LoadOptions {
+            threads: self.threads,
+            backend: self.backend,
+            gpu: self.gpu,
+        }
+    }
+
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),

@@ -56,11 +56,11 @@ pub async fn load_model(
     let tenants = s.tenants.all();
     match s
         .models
-        .load(name, path, s.config.threads, cfg, &tenants)
+        .load(name, path, s.config.load_options(), cfg, &tenants)
         .await
     {
         Ok(m) => {
-            tracing::info!(model = %name, path = %path.display(), "model loaded");
+            tracing::info!(model = %name, path = %path.display(), backend = %m.backend, "model loaded");
             Ok(m)
         }
         Err(models::ModelError::Duplicate(n)) => Err(ApiError::conflict(format!(

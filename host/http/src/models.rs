@@ -33,6 +33,8 @@ pub struct LoadedModel {
     pub architecture: String,
     pub n_vocab: usize,
     pub n_ctx: usize,
+    /// What runs it and why (`cpu (auto: ...)`, `cuda (asked for): cuda:0 NVIDIA H100 ...`).
+    pub backend: String,
     /// Unix seconds.
     pub loaded_at: i64,
 }
@@ -90,7 +92,7 @@ impl Models {
         &self,
         name: &str,
         path: &Path,
-        threads: usize,
+        opts: realm_engine::model::LoadOptions,
         engine_cfg: EngineConfig,
         tenants: &[Tenant],
     ) -> Result<LoadedModel, ModelError> {
@@ -99,24 +101,17 @@ impl Models {
             return Err(ModelError::Duplicate(name.to_string()));
         }
         let p = path.to_path_buf();
-        let model = tokio::task::spawn_blocking(move || {
-            realm_engine::Model::load(
-                &p,
-                &realm_engine::model::LoadOptions {
-                    threads,
-                    ..Default::default()
-                },
-            )
-        })
-        .await
-        .map_err(|e| ModelError::Load {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?
-        .map_err(|e| ModelError::Load {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        let model = tokio::task::spawn_blocking(move || realm_engine::Model::load(&p, &opts))
+            .await
+            .map_err(|e| ModelError::Load {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?
+            .map_err(|e| ModelError::Load {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        let backend = model.backend_note().to_string();
         let engine = Engine::start(Arc::new(model), engine_cfg).map_err(|e| ModelError::Load {
             path: path.to_path_buf(),
             detail: e.to_string(),
@@ -137,6 +132,7 @@ impl Models {
             architecture: info.architecture,
             n_vocab: info.n_vocab,
             n_ctx: info.n_ctx,
+            backend,
             loaded_at: crate::store::now(),
         };
         self.loaded

@@ -35,6 +35,12 @@ pub struct Args {
     /// Engine CPU threads (0 = all cores).
     #[arg(long, env = "REALM_THREADS")]
     threads: Option<usize>,
+    /// What runs the models: auto (CUDA when usable, else the CPU), cpu or cuda [default: auto].
+    #[arg(long, env = "REALM_BACKEND", value_parser = ["auto", "cpu", "cuda"])]
+    backend: Option<String>,
+    /// Which GPU (CUDA device number) [default: 0].
+    #[arg(long)]
+    gpu: Option<usize>,
     /// Largest JSON request body, in bytes.
     #[arg(long)]
     max_body_bytes: Option<usize>,
@@ -70,6 +76,12 @@ pub fn config(a: Args) -> Result<Config> {
     }
     if let Some(v) = a.threads {
         c.threads = v;
+    }
+    if let Some(v) = a.backend {
+        c.backend = realm_engine::BackendChoice::from_name(&v).expect("clap checked the value");
+    }
+    if let Some(v) = a.gpu {
+        c.gpu = v;
     }
     if let Some(v) = a.max_body_bytes {
         c.limits.max_body_bytes = v;

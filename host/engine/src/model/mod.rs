@@ -242,7 +242,8 @@ fn debug_tensors() -> bool {
 }
 
 /// Which backend runs a model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// The CPU.
     #[default]
