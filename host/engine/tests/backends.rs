@@ -281,3 +281,96 @@ fn the_debug_hook_sees_every_named_tensor_on_every_backend() {
         "both backends name the same tensors"
     );
 }
+
+/// Batch invariance: with `batch_invariant` on, a sequence's logits have the same bits alone and
+/// inside batches of 2, 7 and 16 sequences doing other things (prefills of other lengths, decode
+/// steps, sequences that want no logits).
+#[test]
+fn batch_invariant_logits_do_not_depend_on_the_batch() {
+    for path in [
+        fixture("tiny-llama-mixed.gguf"),
+        fixture("tiny-qwen2-gpt2vocab.gguf"),
+    ] {
+        let opts = realm_engine::LoadOptions {
+            threads: 2,
+            batch_invariant: true,
+            ..Default::default()
+        };
+        let m = Model::load(&path, &opts).unwrap();
+        let v = m.hparams.n_vocab as u32;
+        let tok = |i: u32| (i * 7919 + 13) % v;
+        let prompt: Vec<u32> = (0..21).map(tok).collect();
+        // The sequence's logits after its prompt and after each of 4 decode steps.
+        let run = |others: usize| -> Vec<Vec<u32>> {
+            let mut pool = m.new_kv_pool(2048).unwrap();
+            let mut me = SeqCache::new();
+            let mut rest: Vec<SeqCache> = (0..others).map(|_| SeqCache::new()).collect();
+            let mut out = Vec::new();
+            for step in 0..5u32 {
+                let mine: Vec<u32> = if step == 0 {
+                    prompt.clone()
+                } else {
+                    vec![tok(900 + step)]
+                };
+                // Others: a mix of prefill chunks of varying length and single decode tokens.
+                let theirs: Vec<Vec<u32>> = (0..others as u32)
+                    .map(|o| {
+                        let len = if (o + step) % 3 == 0 {
+                            1
+                        } else {
+                            2 + (o * 5 + step) % 11
+                        };
+                        (0..len).map(|i| tok(o * 100 + step * 10 + i)).collect()
+                    })
+                    .collect();
+                let mut inputs = Vec::new();
+                // Put ours in the middle of the batch.
+                let (before, after) = rest.split_at_mut(others / 2);
+                for (c, t) in before.iter_mut().zip(&theirs) {
+                    inputs.push(SeqInput {
+                        tokens: t,
+                        cache: c,
+                        logits: LogitsWanted::Last,
+                    });
+                }
+                inputs.push(SeqInput {
+                    tokens: &mine,
+                    cache: &mut me,
+                    logits: LogitsWanted::Last,
+                });
+                for (i, c) in after.iter_mut().enumerate() {
+                    let t = &theirs[others / 2 + i];
+                    let want = if i % 2 == 0 {
+                        LogitsWanted::None
+                    } else {
+                        LogitsWanted::All
+                    };
+                    inputs.push(SeqInput {
+                        tokens: t,
+                        cache: c,
+                        logits: want,
+                    });
+                }
+                let logits = m.forward(&mut pool, &mut inputs).unwrap();
+                let n_vocab = v as usize;
+                // Ours is the row after the `before` sequences' one row each.
+                let at = (others / 2) * n_vocab;
+                out.push(
+                    logits[at..at + n_vocab]
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect(),
+                );
+            }
+            out
+        };
+        let alone = run(0);
+        for others in [1, 6, 15] {
+            assert!(
+                run(others) == alone,
+                "{}: logits change with {others} other sequences in the batch",
+                path.display()
+            );
+        }
+    }
+}

@@ -68,6 +68,9 @@ pub struct Config {
     pub backend: realm_engine::BackendChoice,
     /// Which GPU (CUDA device number) when the backend is a GPU.
     pub gpu: usize,
+    /// CPU backend: every sequence's logits bit-identical whatever else shares its batch (a seed
+    /// reproduces a completion whatever other tenants do); see docs/architecture.md.
+    pub batch_invariant: bool,
     /// `text` (human) or `json` (one object per line) logs.
     pub log_format: LogFormat,
     pub limits: Limits,
@@ -149,6 +152,7 @@ impl Default for Config {
             threads: 0,
             backend: realm_engine::BackendChoice::Auto,
             gpu: 0,
+            batch_invariant: BATCH_INVARIANT_DEFAULT,
             log_format: LogFormat::Text,
             limits: Limits::default(),
             engine: EngineSettings::default(),
@@ -157,6 +161,9 @@ impl Default for Config {
     }
 }
 
+/// Whether `batch_invariant` is on when the config does not say.
+pub const BATCH_INVARIANT_DEFAULT: bool = false;
+
 impl Config {
     /// How models are loaded: threads, backend and GPU.
     pub fn load_options(&self) -> realm_engine::model::LoadOptions {
@@ -164,6 +171,7 @@ impl Config {
             threads: self.threads,
             backend: self.backend,
             gpu: self.gpu,
+            batch_invariant: self.batch_invariant,
         }
     }
 

@@ -12,6 +12,9 @@ pub struct BackendArgs {
     /// Which GPU (CUDA device number) for `--backend cuda|auto`.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// CPU backend: make each sequence's logits bit-identical whatever else shares its batch.
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 impl BackendArgs {
@@ -20,6 +23,7 @@ impl BackendArgs {
             threads,
             backend: BackendChoice::from_name(&self.backend).expect("clap checked the value"),
             gpu: self.gpu,
+            batch_invariant: self.batch_invariant,
         }
     }
 }

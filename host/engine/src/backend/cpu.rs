@@ -41,6 +41,9 @@ pub struct CpuBackend {
     spin: SpinPool,
     threads: usize,
     weights: Option<Arc<WeightSet>>,
+    /// Every product through the gemm kernels, single-token steps included (see
+    /// [`CpuBackend::set_batch_invariant`]).
+    batch_invariant: bool,
     /// One pass at a time runs (the engine loop owns the model), so this lock is never contended.
     arena: Mutex<Arena>,
 }
@@ -182,8 +185,18 @@ impl CpuBackend {
             spin,
             threads,
             weights: None,
+            batch_invariant: false,
             arena: Mutex::new(Arena::new()),
         })
+    }
+
+    /// Batch invariance: a sequence's logits are bit-identical whether it runs alone or beside
+    /// any other sequences. The gemm kernels compute each activation row (each token) the same
+    /// way whatever else is in the batch (`quant::tests::gemm_columns_do_not_depend_on_the_batch`),
+    /// but a pass of one token takes the gemv kernels, which sum in another order; with this on,
+    /// one-token passes take the gemm kernels too. Every other op is per row or per sequence.
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.batch_invariant = on;
     }
 
     /// One op over the whole batch.
@@ -336,7 +349,7 @@ impl CpuBackend {
         let m = w.n_rows();
         debug_assert_eq!(x.len(), n * k);
         debug_assert_eq!(y.len(), n * m);
-        if n == 1 {
+        if n == 1 && !self.batch_invariant {
             self.matmuls(&mut [(w, y)], x, 1);
             return;
         }
@@ -405,7 +418,7 @@ impl CpuBackend {
     /// so they share one parallel region of the spin pool: each region costs a hand-off to the
     /// workers, which is a visible fraction of a 640-wide layer.
     pub fn matmuls(&self, jobs: &mut [(&TensorView, &mut [f32])], x: &[f32], n: usize) {
-        if n > 1 {
+        if n > 1 || self.batch_invariant {
             for (w, y) in jobs.iter_mut() {
                 self.matmul(w, x, n, y);
             }

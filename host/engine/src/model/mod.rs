@@ -274,6 +274,9 @@ pub struct LoadOptions {
     pub backend: BackendChoice,
     /// Which GPU (CUDA device ordinal) for a GPU backend.
     pub gpu: usize,
+    /// CPU backend: make every sequence's logits independent of the rest of the batch
+    /// ([`CpuBackend::set_batch_invariant`]).
+    pub batch_invariant: bool,
 }
 
 /// A loaded model: the mapping, its hyperparameters, its weights, its forward pass and the
@@ -307,9 +310,9 @@ impl Model {
     /// The model on the backend `opts` asks for.
     pub fn from_gguf(file: GgufFile, opts: &LoadOptions) -> Result<Self, Error> {
         let cpu = || -> Result<Box<dyn Backend>, Error> {
-            Ok(Box::new(
-                CpuBackend::new(opts.threads).map_err(Error::Threads)?,
-            ))
+            let mut b = CpuBackend::new(opts.threads).map_err(Error::Threads)?;
+            b.set_batch_invariant(opts.batch_invariant);
+            Ok(Box::new(b))
         };
         let (backend, note) = match opts.backend {
             BackendChoice::Cpu => (cpu()?, "cpu (asked for)".to_string()),

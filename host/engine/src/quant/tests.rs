@@ -1128,3 +1128,52 @@ fn dot_rows_rejects_bad_shapes() {
         }
     }
 }
+
+/// Batch invariance, kernel level: a column of a gemm has the same bits whatever else is in the
+/// batch (alone, or at any place among other columns), at every ISA level this CPU runs.
+#[test]
+fn gemm_columns_do_not_depend_on_the_batch() {
+    let mut rng = SmallRng::seed_from_u64(4242);
+    let mut report = Vec::new();
+    for ty in GgmlType::ALL {
+        let case = GemmCase::new(ty, 3, 9, 17, &mut rng);
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            let Some(k) = kernels_for(ty, isa) else {
+                continue;
+            };
+            let (full, stride) = case.run(&k, 0);
+            let mut same_as_alone = true;
+            let mut same_as_gemv = true;
+            for c in 0..case.cols {
+                let mut alone = vec![f32::NAN; case.rows];
+                (k.gemm)(
+                    case.k,
+                    &case.w[case.w_off..],
+                    case.w_stride,
+                    case.rows,
+                    case.a_row(c),
+                    case.a_stride,
+                    1,
+                    &mut alone,
+                    1,
+                );
+                let mut gv = vec![f32::NAN; case.rows];
+                (k.gemv)(
+                    case.k,
+                    &case.w[case.w_off..],
+                    case.w_stride,
+                    case.a_row(c),
+                    &mut gv,
+                );
+                for r in 0..case.rows {
+                    same_as_alone &= full[r * stride + c].to_bits() == alone[r].to_bits();
+                    same_as_gemv &= full[r * stride + c].to_bits() == gv[r].to_bits();
+                }
+            }
+            report.push(format!(
+                "{ty} {isa:?}: alone {same_as_alone} gemv {same_as_gemv}"
+            ));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
