@@ -150,10 +150,19 @@ extern "C" __global__ void store_kv(const float* k, const float* v, u16* kc, u16
 
 // Causal attention, one block (ATTN_TILE threads) per (row, query head): the row's query head
 // against the keys of positions lo..=pos of its sequence (lo = pos + 1 - window, or 0), through
-// its page table, softmax(scale * q.k) weighting the values. Keys go by in tiles of ATTN_TILE
-// positions with an online softmax (running max and sum), so any context length fits in a few
-// KiB of shared memory. The query is rounded to f16 as the CPU backend and llama.cpp do.
-// head_dim <= 512.
+// its page table, softmax(scale * q.k) weighting the values. Two passes over the keys in tiles of
+// ATTN_TILE positions, so any context fits in a few KiB of shared memory: the first finds the
+// softmax's max and sum, the second weights the values by each probability rounded to f16 — as
+// the CPU backend and llama.cpp do (the query is rounded to f16 too). head_dim <= 512.
+__device__ __forceinline__ float attn_score(const float* qs, const u16* kc, const u32* pages,
+                                            u32 off, int j, int page_size, int kv_dim, int kvh,
+                                            int head_dim, float scale) {
+    const u16* kr = kc + slot_of(pages, off, j, page_size) * kv_dim + kvh * head_dim;
+    float dot = 0.0f;
+    for (int d = 0; d < head_dim; d++) dot += qs[d] * f16_to_f32(kr[d]);
+    return dot * scale;
+}
+
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, float* out,
                                      const u32* pages, const u32* row_page_off,
                                      const int* row_pos, int page_size, int n_head, int n_head_kv,
@@ -170,31 +179,42 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     const float* qh = q + ((unsigned long long)r * n_head + h) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = round_f16(qh[d]);
     __syncthreads();
-    // Each thread owns output dimensions d = threadIdx.x + k * ATTN_TILE (head_dim <= 512).
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float m = NEG_INF, sum = 0.0f;
+
+    // Pass 1: the max of the scores, then the sum of exp(score - max).
+    float m = NEG_INF;
     for (int t0 = lo; t0 <= pos; t0 += ATTN_TILE) {
         int j = t0 + threadIdx.x;
-        float s = NEG_INF;
-        if (j <= pos) {
-            const u16* kr = kc + slot_of(pages, off, j, page_size) * kv_dim + kvh * head_dim;
-            float dot = 0.0f;
-            for (int d = 0; d < head_dim; d++) dot += qs[d] * f16_to_f32(kr[d]);
-            s = dot * scale;
-        }
-        float tm = block_max(s, red);
-        float m_new = fmaxf(m, tm);
-        float e = j <= pos ? expf(s - m_new) : 0.0f;
-        float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
-        p[threadIdx.x] = e;
-        float ts = block_sum<float>(e, red);
-        sum = sum * corr + ts;
-        m = m_new;
+        float s = j <= pos ? attn_score(qs, kc, pages, off, j, page_size, kv_dim, kvh, head_dim,
+                                        scale)
+                           : NEG_INF;
+        m = fmaxf(m, block_max(s, red));
+    }
+    float sum = 0.0f;
+    for (int t0 = lo; t0 <= pos; t0 += ATTN_TILE) {
+        int j = t0 + threadIdx.x;
+        float e = j <= pos ? expf(attn_score(qs, kc, pages, off, j, page_size, kv_dim, kvh,
+                                             head_dim, scale) - m)
+                           : 0.0f;
+        sum += block_sum<float>(e, red);
+    }
+    float inv = 1.0f / sum;
+
+    // Pass 2: out = sum_j round_f16(p_j) * v_j. Each thread owns output dimensions
+    // d = threadIdx.x + k * ATTN_TILE.
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t0 = lo; t0 <= pos; t0 += ATTN_TILE) {
+        int j = t0 + threadIdx.x;
+        p[threadIdx.x] = j <= pos ? round_f16(expf(attn_score(qs, kc, pages, off, j, page_size,
+                                                              kv_dim, kvh, head_dim, scale) -
+                                                   m) *
+                                              inv)
+                                  : 0.0f;
+        __syncthreads();
         int n_t = min(ATTN_TILE, pos + 1 - t0);
         for (int k = 0; k < 4; k++) {
             int d = threadIdx.x + k * ATTN_TILE;
             if (d < head_dim) {
-                float a = acc[k] * corr;
+                float a = acc[k];
                 for (int jj = 0; jj < n_t; jj++) {
                     const u16* vr =
                         vc + slot_of(pages, off, t0 + jj, page_size) * kv_dim + kvh * head_dim;
@@ -208,7 +228,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     float* oh = out + ((unsigned long long)r * n_head + h) * head_dim;
     for (int k = 0; k < 4; k++) {
         int d = threadIdx.x + k * ATTN_TILE;
-        if (d < head_dim) oh[d] = acc[k] / sum;
+        if (d < head_dim) oh[d] = acc[k];
     }
 }
 

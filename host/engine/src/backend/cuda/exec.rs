@@ -457,6 +457,9 @@ impl Backend for CudaBackend {
                         i32::from(r.neox),
                     );
                     let total = (rows * (width(*x) / head_dim) * (r.n_dims / 2)) as u64;
+                    if total == 0 {
+                        continue; // no rotated pairs (n_dims < 2)
+                    }
                     launch!(
                         self,
                         "rope",
