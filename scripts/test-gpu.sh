@@ -78,8 +78,15 @@ for preset in tiny-gemma3 tiny-qwen2 tiny-llama; do
     done
 done
 
-step "speed: synthetic Gemma 3 270M (Q4_K_M) on the CUDA backend"
+step "synthetic Gemma 3 270M (the real shape: 256-wide heads, window 512): CUDA against the CPU past the window"
 "$bin" synth --preset gemma3-270m --quant q4_k_m -o "$work/g.gguf" >/dev/null
+python3 -c 'import json; print(json.dumps({"prompt_tokens": [2] + [1000 + (i * 7919) % 200000 for i in range(700)]}))' >"$work/long.jsonl"
+evaluate "$work/g.gguf" "$work/long.jsonl" cpu >"$work/a.jsonl" 2>/dev/null
+evaluate "$work/g.gguf" "$work/long.jsonl" cuda >"$work/b.jsonl" 2>/dev/null
+scripts/compare-eval.py "$work/a.jsonl" "$work/b.jsonl" --tol 1.0 \
+    --label "gemma3-270m (synthetic) 701-token prompt, cuda vs cpu" || fail=1
+
+step "speed: synthetic Gemma 3 270M (Q4_K_M) on the CUDA backend"
 "$bin" bench "$work/g.gguf" --backend cuda --prompt-tokens 128 --gen-tokens 64 --runs 3 || fail=1
 "$bin" bench "$work/g.gguf" --backend cuda --prompt-tokens 512 --gen-tokens 0 --runs 3 || fail=1
 "$bin" bench "$work/g.gguf" --backend cpu --threads 16 --prompt-tokens 128 --gen-tokens 64 --runs 3 || fail=1

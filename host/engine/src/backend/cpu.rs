@@ -194,7 +194,8 @@ impl CpuBackend {
     /// any other sequences. The gemm kernels compute each activation row (each token) the same
     /// way whatever else is in the batch (`quant::tests::gemm_columns_do_not_depend_on_the_batch`),
     /// but a pass of one token takes the gemv kernels, which sum in another order; with this on,
-    /// one-token passes take the gemm kernels too. Every other op is per row or per sequence.
+    /// one-token passes take the gemm kernels too (one column, still on the spin pool). Every
+    /// other op is per row or per sequence.
     pub fn set_batch_invariant(&mut self, on: bool) {
         self.batch_invariant = on;
     }
@@ -349,7 +350,7 @@ impl CpuBackend {
         let m = w.n_rows();
         debug_assert_eq!(x.len(), n * k);
         debug_assert_eq!(y.len(), n * m);
-        if n == 1 && !self.batch_invariant {
+        if n == 1 {
             self.matmuls(&mut [(w, y)], x, 1);
             return;
         }
@@ -418,7 +419,7 @@ impl CpuBackend {
     /// so they share one parallel region of the spin pool: each region costs a hand-off to the
     /// workers, which is a visible fraction of a 640-wide layer.
     pub fn matmuls(&self, jobs: &mut [(&TensorView, &mut [f32])], x: &[f32], n: usize) {
-        if n > 1 || self.batch_invariant {
+        if n > 1 {
             for (w, y) in jobs.iter_mut() {
                 self.matmul(w, x, n, y);
             }
@@ -449,10 +450,16 @@ impl CpuBackend {
                 tasks.push((job, ci * chunk, ys));
             }
         }
+        let invariant = self.batch_invariant;
         self.spin.for_each(tasks, |(job, r0, ys)| {
             let (k, rb, wd) = (job.w.row_len(), job.w.row_bytes(), job.w.data());
             let rows = &wd[r0 * rb..(r0 + ys.len()) * rb];
-            (job.kern.gemv)(k, rows, rb, &job.xq, ys);
+            if invariant {
+                // The gemm kernels, as a batch's tokens get: the same bits as beside others.
+                (job.kern.gemm)(k, rows, rb, ys.len(), &job.xq, job.xq.len(), 1, ys, 1);
+            } else {
+                (job.kern.gemv)(k, rows, rb, &job.xq, ys);
+            }
         });
     }
 
