@@ -1170,9 +1170,13 @@ fn gemm_columns_do_not_depend_on_the_batch() {
                     same_as_gemv &= full[r * stride + c].to_bits() == gv[r].to_bits();
                 }
             }
-            report.push(format!(
-                "{ty} {isa:?}: alone {same_as_alone} gemv {same_as_gemv}"
-            ));
+            assert!(
+                same_as_alone,
+                "{ty} {isa:?}: a gemm column's bits depend on the other columns"
+            );
+            // Not a requirement: the gemv kernels may sum in another order (why the batch
+            // invariance switch sends one-token passes through gemm too).
+            report.push(format!("{ty} {isa:?}: same bits as gemv: {same_as_gemv}"));
         }
     }
     eprintln!("{}", report.join("\n"));
