@@ -7,7 +7,6 @@
 //! arena of activation buffers reused from pass to pass. KV pages are f16 in host memory
 //! ([`CpuKv`]), as llama.cpp's default cache type.
 
-use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use half::f16;
@@ -15,10 +14,10 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::spin::SpinPool;
-use crate::backend::{Arena, Backend, BackendError};
+use crate::backend::{Arena, Backend, BackendError, HostKv, show_taps};
 use crate::gguf::TensorView;
 use crate::graph::{Activation, AttnParams, Graph, Op, OpHook, Pass, PassSeq, WeightSet};
-use crate::kv::{KvError, KvLayout, KvStorage};
+use crate::kv::{KvLayout, KvStorage};
 use crate::quant;
 
 /// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
@@ -49,22 +48,9 @@ pub struct CpuBackend {
 }
 
 /// f16 KV pages in host memory: per layer, keys and values `[n_pages * page_size, kv_dim]`.
-pub struct CpuKv {
-    layout: KvLayout,
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
-}
+pub type CpuKv = HostKv<f16>;
 
-impl CpuKv {
-    pub fn new(layout: KvLayout) -> Self {
-        let zeros = || vec![f16::ZERO; layout.layer_elems()];
-        CpuKv {
-            layout,
-            keys: (0..layout.n_layers).map(|_| zeros()).collect(),
-            values: (0..layout.n_layers).map(|_| zeros()).collect(),
-        }
-    }
-
+impl HostKv<f16> {
     /// Stores one position's keys and values (`kv_dim` each) of `layer` at `slot`.
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let d = self.layout.kv_dim;
@@ -81,30 +67,6 @@ impl CpuKv {
             &self.keys[layer][at..at + d],
             &self.values[layer][at..at + d],
         )
-    }
-}
-
-impl KvStorage for CpuKv {
-    fn copy_page(&mut self, from: u32, to: u32) -> Result<(), KvError> {
-        let n = self.layout.page_size * self.layout.kv_dim;
-        let (from, to) = (from as usize * n, to as usize * n);
-        for layer in 0..self.layout.n_layers {
-            self.keys[layer].copy_within(from..from + n, to);
-            self.values[layer].copy_within(from..from + n, to);
-        }
-        Ok(())
-    }
-
-    fn bytes(&self) -> usize {
-        2 * self.layout.n_layers * self.layout.layer_elems() * std::mem::size_of::<f16>()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 
@@ -152,10 +114,7 @@ impl Backend for CpuBackend {
                 }
                 self.run(graph, ws, pass, kv, bufs, &node.op);
                 if let Some(h) = hook.as_deref_mut() {
-                    for (b, name) in &node.taps {
-                        let (rows, w) = (graph.rows(*b, n, n_out), graph.buf(*b).width);
-                        h.tensor(name, &bufs[b.index()][..rows * w], w);
-                    }
+                    show_taps(graph, node, bufs, (n, n_out), h);
                 }
             }
             let len = n_out * graph.buf(graph.logits).width;

@@ -15,8 +15,10 @@
 
 use std::sync::Arc;
 
-use crate::graph::{Graph, OpHook, Pass, WeightSet};
-use crate::kv::{KvLayout, KvStorage};
+use std::any::Any;
+
+use crate::graph::{Graph, Node, OpHook, Pass, WeightSet};
+use crate::kv::{KvError, KvLayout, KvStorage};
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -88,5 +90,63 @@ impl Arena {
                 b.resize(len, 0.0);
             }
         }
+    }
+}
+
+/// KV pages in host memory with elements of type `T` (f16 on the CPU backend, f32 on the
+/// reference one): per layer, keys and values `[n_pages * page_size, kv_dim]`.
+pub struct HostKv<T> {
+    pub(crate) layout: KvLayout,
+    pub(crate) keys: Vec<Vec<T>>,
+    pub(crate) values: Vec<Vec<T>>,
+}
+
+impl<T: Copy + Default + Send + 'static> HostKv<T> {
+    pub fn new(layout: KvLayout) -> Self {
+        let zeros = || vec![T::default(); layout.layer_elems()];
+        HostKv {
+            layout,
+            keys: (0..layout.n_layers).map(|_| zeros()).collect(),
+            values: (0..layout.n_layers).map(|_| zeros()).collect(),
+        }
+    }
+}
+
+impl<T: Copy + Default + Send + 'static> KvStorage for HostKv<T> {
+    fn copy_page(&mut self, from: u32, to: u32) -> Result<(), KvError> {
+        let n = self.layout.page_size * self.layout.kv_dim;
+        let (from, to) = (from as usize * n, to as usize * n);
+        for layer in 0..self.layout.n_layers {
+            self.keys[layer].copy_within(from..from + n, to);
+            self.values[layer].copy_within(from..from + n, to);
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> usize {
+        2 * self.layout.n_layers * self.layout.layer_elems() * std::mem::size_of::<T>()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Shows `hook` the tensors `node` names, from host-memory buffers (`bufs`, one per graph
+/// buffer) of a pass of `n` rows of which `n_out` want logits.
+pub(crate) fn show_taps(
+    graph: &Graph,
+    node: &Node,
+    bufs: &[Vec<f32>],
+    (n, n_out): (usize, usize),
+    hook: &mut dyn OpHook,
+) {
+    for (b, name) in &node.taps {
+        let (rows, w) = (graph.rows(*b, n, n_out), graph.buf(*b).width);
+        hook.tensor(name, &bufs[b.index()][..rows * w], w);
     }
 }

@@ -9,13 +9,12 @@
 //! (`Model::with_backend(file, Box::new(ReferenceBackend::new()))`). It is slow: use it on the
 //! small fixture models.
 
-use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::cpu::{add_in_place, gelu_mul, rms_norm, scale, silu_mul};
-use crate::backend::{Arena, Backend, BackendError};
+use crate::backend::{Arena, Backend, BackendError, HostKv, show_taps};
 use crate::graph::{Activation, Buf, Graph, Op, OpHook, Pass, WeightSet};
-use crate::kv::{KvError, KvLayout, KvStorage};
+use crate::kv::{KvLayout, KvStorage};
 use crate::quant::{self, Isa};
 
 #[derive(Default)]
@@ -31,35 +30,7 @@ impl ReferenceBackend {
 }
 
 /// f32 KV pages: per layer, keys and values `[n_pages * page_size, kv_dim]`.
-pub struct RefKv {
-    layout: KvLayout,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-}
-
-impl KvStorage for RefKv {
-    fn copy_page(&mut self, from: u32, to: u32) -> Result<(), KvError> {
-        let n = self.layout.page_size * self.layout.kv_dim;
-        let (from, to) = (from as usize * n, to as usize * n);
-        for layer in 0..self.layout.n_layers {
-            self.keys[layer].copy_within(from..from + n, to);
-            self.values[layer].copy_within(from..from + n, to);
-        }
-        Ok(())
-    }
-
-    fn bytes(&self) -> usize {
-        2 * self.layout.n_layers * self.layout.layer_elems() * std::mem::size_of::<f32>()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
+pub type RefKv = HostKv<f32>;
 
 impl Backend for ReferenceBackend {
     fn name(&self) -> &'static str {
@@ -72,12 +43,7 @@ impl Backend for ReferenceBackend {
     }
 
     fn new_kv(&self, layout: KvLayout) -> Result<Box<dyn KvStorage>, BackendError> {
-        let zeros = || vec![0f32; layout.layer_elems()];
-        Ok(Box::new(RefKv {
-            layout,
-            keys: (0..layout.n_layers).map(|_| zeros()).collect(),
-            values: (0..layout.n_layers).map(|_| zeros()).collect(),
-        }))
+        Ok(Box::new(RefKv::new(layout)))
     }
 
     fn execute(
@@ -106,10 +72,7 @@ impl Backend for ReferenceBackend {
             }
             run(graph, ws, pass, kv, bufs, &node.op);
             if let Some(h) = hook.as_deref_mut() {
-                for (b, name) in &node.taps {
-                    let (rows, w) = (graph.rows(*b, n, n_out), graph.buf(*b).width);
-                    h.tensor(name, &bufs[b.index()][..rows * w], w);
-                }
+                show_taps(graph, node, bufs, (n, n_out), h);
             }
         }
         let len = n_out * graph.buf(graph.logits).width;
