@@ -171,6 +171,16 @@ pub struct BufDesc {
     pub rows: Rows,
 }
 
+impl BufDesc {
+    /// Rows in a pass of `n` tokens of which `n_out` want logits.
+    pub fn rows_in(&self, n: usize, n_out: usize) -> usize {
+        match self.rows {
+            Rows::Batch => n,
+            Rows::Out => n_out,
+        }
+    }
+}
+
 /// Gated activations: `gate = act(gate) * up`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -258,23 +268,6 @@ pub enum Op {
 }
 
 impl Op {
-    /// The short name of the operation (debug output, profiles).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Op::Embed { .. } => "embed",
-            Op::Scale { .. } => "scale",
-            Op::RmsNorm { .. } => "rms_norm",
-            Op::MatMul { .. } => "matmul",
-            Op::AddBias { .. } => "add_bias",
-            Op::Rope { .. } => "rope",
-            Op::StoreKv { .. } => "store_kv",
-            Op::Attention { .. } => "attention",
-            Op::Add { .. } => "add",
-            Op::Glu { .. } => "glu",
-            Op::GatherOut { .. } => "gather_out",
-        }
-    }
-
     /// The buffer whose rows decide whether the op has any work (a pass with no wanted logits
     /// skips every op on `Rows::Out` buffers).
     pub fn rows_of(&self) -> Buf {
@@ -310,7 +303,6 @@ pub struct Graph {
     pub ropes: Vec<Rope>,
     /// `[n_out, n_vocab]`: what the pass returns.
     pub logits: Buf,
-    pub n_layers: usize,
 }
 
 impl Graph {
@@ -324,10 +316,7 @@ impl Graph {
 
     /// Rows of `b` in a pass of `n` tokens of which `n_out` want logits.
     pub fn rows(&self, b: Buf, n: usize, n_out: usize) -> usize {
-        match self.buf(b).rows {
-            Rows::Batch => n,
-            Rows::Out => n_out,
-        }
+        self.buf(b).rows_in(n, n_out)
     }
 }
 
@@ -338,7 +327,6 @@ pub struct GraphBuilder<'w> {
     nodes: Vec<Node>,
     ropes: Vec<Rope>,
     layer: Option<usize>,
-    n_layers: usize,
 }
 
 impl<'w> GraphBuilder<'w> {
@@ -349,7 +337,6 @@ impl<'w> GraphBuilder<'w> {
             nodes: Vec::new(),
             ropes: Vec::new(),
             layer: None,
-            n_layers: 0,
         }
     }
 
@@ -367,9 +354,6 @@ impl<'w> GraphBuilder<'w> {
     /// Ops from here on belong to layer `il` (None: before or after the layers).
     pub fn layer(&mut self, il: Option<usize>) {
         self.layer = il;
-        if let Some(il) = il {
-            self.n_layers = self.n_layers.max(il + 1);
-        }
     }
 
     fn width(&self, b: Buf) -> usize {
@@ -593,7 +577,6 @@ impl<'w> GraphBuilder<'w> {
             nodes: self.nodes,
             ropes: self.ropes,
             logits,
-            n_layers: self.n_layers,
         }
     }
 }

@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::spin::SpinPool;
-use crate::backend::{Arena, Backend, BackendError, HostKv, show_taps};
+use crate::backend::{Arena, Backend, BackendError, HostKv, own_kv, show_taps};
 use crate::gguf::TensorView;
 use crate::graph::{Activation, AttnParams, Graph, Op, OpHook, Pass, PassSeq, WeightSet};
 use crate::kv::{KvLayout, KvStorage};
@@ -99,10 +99,7 @@ impl Backend for CpuBackend {
             .weights
             .as_deref()
             .ok_or(BackendError::NotLoaded("cpu"))?;
-        let kv = kv
-            .as_any_mut()
-            .downcast_mut::<CpuKv>()
-            .ok_or(BackendError::ForeignKv("cpu"))?;
+        let kv: &mut CpuKv = own_kv(kv, "cpu")?;
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let (n, n_out) = (pass.len(), pass.out_rows.len());
         arena.fit(graph, n, n_out);
@@ -145,7 +142,7 @@ impl CpuBackend {
             threads,
             weights: None,
             batch_invariant: false,
-            arena: Mutex::new(Arena::new()),
+            arena: Mutex::new(Arena::default()),
         })
     }
 

@@ -67,25 +67,18 @@ pub trait Backend: Send + Sync {
 
 /// Activation buffers of one graph, allocated once and grown to the largest pass seen: passes
 /// after the first allocate nothing.
+#[derive(Default)]
 pub(crate) struct Arena {
     pub bufs: Vec<Vec<f32>>,
 }
 
 impl Arena {
-    pub fn new() -> Self {
-        Arena { bufs: Vec::new() }
-    }
-
     /// Sizes every buffer of `graph` for `n` rows (`n_out` for output rows); buffers only grow.
     pub fn fit(&mut self, graph: &Graph, n: usize, n_out: usize) {
         self.bufs.resize_with(graph.bufs.len(), Vec::new);
         for (i, b) in self.bufs.iter_mut().enumerate() {
             let d = &graph.bufs[i];
-            let rows = match d.rows {
-                crate::graph::Rows::Batch => n,
-                crate::graph::Rows::Out => n_out,
-            };
-            let len = rows * d.width;
+            let len = d.rows_in(n, n_out) * d.width;
             if b.len() < len {
                 b.resize(len, 0.0);
             }
@@ -134,6 +127,16 @@ impl<T: Copy + Default + Send + 'static> KvStorage for HostKv<T> {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
+}
+
+/// `kv` as the storage type of the backend `name`, which made it; another backend's is an error.
+pub(crate) fn own_kv<'a, T: 'static>(
+    kv: &'a mut dyn KvStorage,
+    name: &'static str,
+) -> Result<&'a mut T, BackendError> {
+    kv.as_any_mut()
+        .downcast_mut::<T>()
+        .ok_or(BackendError::ForeignKv(name))
 }
 
 /// Shows `hook` the tensors `node` names, from host-memory buffers (`bufs`, one per graph

@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::backend::cpu::{add_in_place, gelu_mul, rms_norm, scale, silu_mul};
-use crate::backend::{Arena, Backend, BackendError, HostKv, show_taps};
+use crate::backend::{Arena, Backend, BackendError, HostKv, own_kv, show_taps};
 use crate::graph::{Activation, Buf, Graph, Op, OpHook, Pass, WeightSet};
 use crate::kv::{KvLayout, KvStorage};
 use crate::quant::{self, Isa};
@@ -20,7 +20,7 @@ use crate::quant::{self, Isa};
 #[derive(Default)]
 pub struct ReferenceBackend {
     weights: Option<Arc<WeightSet>>,
-    arena: Mutex<Option<Arena>>,
+    arena: Mutex<Arena>,
 }
 
 impl ReferenceBackend {
@@ -57,12 +57,8 @@ impl Backend for ReferenceBackend {
             .weights
             .as_deref()
             .ok_or(BackendError::NotLoaded("reference"))?;
-        let kv = kv
-            .as_any_mut()
-            .downcast_mut::<RefKv>()
-            .ok_or(BackendError::ForeignKv("reference"))?;
+        let kv: &mut RefKv = own_kv(kv, "reference")?;
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
-        let arena = arena.get_or_insert_with(Arena::new);
         let (n, n_out) = (pass.len(), pass.out_rows.len());
         arena.fit(graph, n, n_out);
         let bufs = &mut arena.bufs;

@@ -2,7 +2,7 @@
 //!
 //! Each architecture lives in its own file (`llama.rs` — which also covers Qwen 2 —,
 //! `gemma3.rs`), readable top to bottom: its weights with their shapes, registered in a
-//! [`WeightSet`], then its forward pass described once as a [`Graph`] built from the shared
+//! [`crate::graph::WeightSet`], then its forward pass described once as a [`Graph`] built from the shared
 //! blocks of [`crate::graph::GraphBuilder`]. A [`Model`] pairs that graph with a
 //! [`Backend`] that runs it; what is here is the architecture-independent part: hyperparameters
 //! from GGUF metadata, checks and KV reservations before a pass, the [`Pass`] description.
@@ -18,7 +18,7 @@ use crate::Error;
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::gguf::GgufFile;
-use crate::graph::{AttnParams, Graph, OpHook, Pass, PassSeq, PrintTensors, Rope, WeightSet};
+use crate::graph::{AttnParams, Graph, OpHook, Pass, PassSeq, PrintTensors, Rope};
 use crate::kv::{KvLayout, KvPool, SeqCache};
 
 /// Which rows of logits a sequence wants back from a forward pass.
@@ -284,7 +284,6 @@ pub struct LoadOptions {
 pub struct Model {
     pub hparams: Hparams,
     pub file: Arc<GgufFile>,
-    weights: Arc<WeightSet>,
     graph: Graph,
     backend: Box<dyn Backend>,
     backend_note: String,
@@ -339,13 +338,11 @@ impl Model {
             "gemma3" => gemma3::build(&file, &hp)?,
             other => return Err(Error::UnsupportedArchitecture(other.to_string())),
         };
-        let weights = Arc::new(weights);
-        backend.load_weights(weights.clone())?;
+        backend.load_weights(Arc::new(weights))?;
         let backend_note = backend.name().to_string();
         Ok(Model {
             hparams: hp,
             file: Arc::new(file),
-            weights,
             graph,
             backend,
             backend_note,
@@ -370,10 +367,6 @@ impl Model {
     /// The forward pass, as its backend runs it.
     pub fn graph(&self) -> &Graph {
         &self.graph
-    }
-
-    pub fn weights(&self) -> &WeightSet {
-        &self.weights
     }
 
     /// A KV pool able to hold `tokens` positions in total (rounded up to whole pages), its pages

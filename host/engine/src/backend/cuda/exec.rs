@@ -18,7 +18,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelA
 
 use super::{CudaError, Device, DeviceMatrix, MATVEC_WARPS, MAX_NV};
 use crate::backend::{Backend, BackendError};
-use crate::graph::{Activation, Graph, Op, OpHook, Pass, Rows, Weight, WeightSet};
+use crate::graph::{Activation, Graph, Op, OpHook, Pass, Weight, WeightSet};
 use crate::kv::{KvError, KvLayout, KvStorage};
 
 /// Threads of the attention kernel (`ATTN_TILE` in ops.cu) and the largest head it takes.
@@ -94,7 +94,6 @@ fn ptr<T>(stream: &CudaStream, b: &CudaSlice<T>) -> CUdeviceptr {
 pub struct CudaBackend {
     dev: Device,
     weights: Vec<DeviceWeight>,
-    weight_bytes: usize,
     scratch: Mutex<Scratch>,
 }
 
@@ -104,18 +103,12 @@ impl CudaBackend {
         Ok(CudaBackend {
             dev: Device::open(ordinal, cache)?,
             weights: Vec::new(),
-            weight_bytes: 0,
             scratch: Mutex::new(Scratch::default()),
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.dev
-    }
-
-    /// Bytes of device memory the model's weights take.
-    pub fn weight_bytes(&self) -> usize {
-        self.weight_bytes
     }
 }
 
@@ -241,7 +234,6 @@ impl Backend for CudaBackend {
             .synchronize()
             .map_err(dev_err("weight upload"))?;
         self.weights = out;
-        self.weight_bytes = need;
         Ok(())
     }
 
@@ -289,10 +281,7 @@ impl Backend for CudaBackend {
         if self.weights.is_empty() {
             return Err(BackendError::NotLoaded("cuda"));
         }
-        let kv = kv
-            .as_any_mut()
-            .downcast_mut::<CudaKv>()
-            .ok_or(BackendError::ForeignKv("cuda"))?;
+        let kv: &mut CudaKv = crate::backend::own_kv(kv, "cuda")?;
         let stream = &self.dev.stream;
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *guard;
@@ -301,11 +290,11 @@ impl Backend for CudaBackend {
         // The pass's description.
         s.bufs.resize_with(graph.bufs.len(), || None);
         for (i, d) in graph.bufs.iter().enumerate() {
-            let rows = match d.rows {
-                Rows::Batch => n,
-                Rows::Out => n_out,
-            };
-            grow(stream, &mut s.bufs[i], (rows * d.width).max(1))?;
+            grow(
+                stream,
+                &mut s.bufs[i],
+                (d.rows_in(n, n_out) * d.width).max(1),
+            )?;
         }
         upload(stream, &mut s.tokens, &pass.tokens)?;
         let pos: Vec<i32> = pass.pos.iter().map(|&p| p as i32).collect();
@@ -341,7 +330,7 @@ impl Backend for CudaBackend {
             DeviceWeight::Vector(_) => unreachable!("the graph builder checked the kinds"),
         };
         let vector = |w: crate::graph::WeightId| match &self.weights[w.index()] {
-            DeviceWeight::Vector(v) => ptr(stream, v),
+            DeviceWeight::Vector(v) => v,
             DeviceWeight::Matrix(_) => unreachable!("the graph builder checked the kinds"),
         };
         let (tokens, pos_p, pages_p, off_p, out_p) = (
@@ -388,10 +377,7 @@ impl Backend for CudaBackend {
                     eps,
                     out,
                 } => {
-                    let w = match &self.weights[weight.index()] {
-                        DeviceWeight::Vector(v) => v,
-                        DeviceWeight::Matrix(_) => unreachable!("checked by the builder"),
-                    };
+                    let w = vector(*weight);
                     let len = w.len() as i32;
                     let chunks = (rows * width(*x)) as u32 / len as u32;
                     let (xp, wp, op) = (buf(*x), ptr(stream, w), buf(*out));
@@ -440,7 +426,7 @@ impl Backend for CudaBackend {
                 Op::AddBias { x, bias } => {
                     let (p, bp, w, len) = (
                         buf(*x),
-                        vector(*bias),
+                        ptr(stream, vector(*bias)),
                         width(*x) as i32,
                         (rows * width(*x)) as u64,
                     );
