@@ -4,13 +4,15 @@
 # CUDA toolkit beyond the driver and NVRTC, and no test binaries):
 #   1. `realm gpu info` twice with an empty kernel cache: the first start compiles the kernels
 #      with NVRTC, the second must load them from the cache;
-#   2. `realm gpu check`: every tensor type's matrix kernel at batch 1..16 and a prefill size
-#      against the CPU's reference (exit 1 if any is off);
+#   2. `realm gpu check`: every tensor type's matrix products by every path (f32 mat-vec, int8
+#      mat-vec, cuBLAS gemm) at batch 1..16 and larger sizes against the CPU's reference (exit 1
+#      if any is off);
 #   3. models on the CUDA backend: `realm eval --backend cuda` on the fixture models against
 #      llama.cpp's reference logits (tests/fixtures/refs, the golden tests' tolerances), the
 #      largest GPU-vs-CPU logit difference per model (fixtures and synthetic Gemma 3, Qwen 2 and
 #      Llama models of every quantization mix), and `realm bench --backend cuda` on a synthetic
-#      Gemma 3 270M.
+#      Gemma 3 270M — each with the reference kernel set (the default) and the fast one
+#      (`REALM_CUDA_KERNELS=fast`: int8 mat-vec, cuBLAS prefill, CUDA graphs, warp attention).
 # Without a GPU it says so and exits 0 (CI has none; the kernels still compile there: the engine
 # test `kernels_compile_with_nvrtc` with scripts/nvrtc.sh).
 #
@@ -39,26 +41,32 @@ echo "$first"; echo "$second"
 grep -q "compiled now" <<<"$first" || { echo "test-gpu: the first start did not compile" >&2; exit 1; }
 grep -q "from the cache" <<<"$second" || { echo "test-gpu: the second start did not use the cache" >&2; exit 1; }
 
-step "kernel check: every tensor type, batch 1..16 and 67, against the CPU reference"
+step "kernel check: every tensor type and path, batch 1..16 and larger, against the CPU reference"
 "$bin" gpu check
 
 work=$(mktemp -d)
 trap 'rm -rf "$cache" "$work"' EXIT
 fail=0
-evaluate() { # model, prompts file, backend -> JSON lines on stdout
-    "$bin" eval "$1" --prompts-file "$2" --top 200 --greedy 64 --backend "$3"
+evaluate() { # model, prompts file, cpu|cuda|cuda-fast -> JSON lines on stdout
+    case $3 in
+    cuda-fast) REALM_CUDA_KERNELS=fast "$bin" eval "$1" --prompts-file "$2" --top 200 --greedy 64 --backend cuda ;;
+    *) "$bin" eval "$1" --prompts-file "$2" --top 200 --greedy 64 --backend "$3" ;;
+    esac
 }
+sets=(cuda cuda-fast)
 
 step "models on the CUDA backend against llama.cpp's reference logits"
 for spec in tiny-llama-mixed:0.25:10 tiny-qwen2-gpt2vocab:0.5:25; do
     IFS=: read -r m tol min <<<"$spec"
     refs=tests/fixtures/refs/$m.jsonl
-    evaluate "tests/fixtures/models/$m.gguf" "$refs" cuda >"$work/$m.cuda.jsonl"
     evaluate "tests/fixtures/models/$m.gguf" "$refs" cpu >"$work/$m.cpu.jsonl"
-    scripts/compare-eval.py "$refs" "$work/$m.cuda.jsonl" --tol "$tol" --min-greedy "$min" \
-        --label "$m cuda vs llama.cpp" || fail=1
-    scripts/compare-eval.py "$work/$m.cpu.jsonl" "$work/$m.cuda.jsonl" --tol "$tol" \
-        --label "$m cuda vs cpu" || fail=1
+    for set in "${sets[@]}"; do
+        evaluate "tests/fixtures/models/$m.gguf" "$refs" "$set" >"$work/$m.$set.jsonl"
+        scripts/compare-eval.py "$refs" "$work/$m.$set.jsonl" --tol "$tol" --min-greedy "$min" \
+            --label "$m $set vs llama.cpp" || fail=1
+        scripts/compare-eval.py "$work/$m.cpu.jsonl" "$work/$m.$set.jsonl" --tol "$tol" \
+            --label "$m $set vs cpu" || fail=1
+    done
 done
 
 step "synthetic models: CUDA against the CPU backend, every architecture and quantization mix"
@@ -72,9 +80,11 @@ for preset in tiny-gemma3 tiny-qwen2 tiny-llama; do
         f=$work/$preset-$quant.gguf
         "$bin" synth --preset "$preset" --quant "$quant" -o "$f" >/dev/null
         evaluate "$f" "$prompts" cpu >"$work/a.jsonl" 2>/dev/null
-        evaluate "$f" "$prompts" cuda >"$work/b.jsonl" 2>/dev/null
-        scripts/compare-eval.py "$work/a.jsonl" "$work/b.jsonl" --tol 1.0 \
-            --label "$preset $quant cuda vs cpu" || fail=1
+        for set in "${sets[@]}"; do
+            evaluate "$f" "$prompts" "$set" >"$work/b.jsonl" 2>/dev/null
+            scripts/compare-eval.py "$work/a.jsonl" "$work/b.jsonl" --tol 1.0 \
+                --label "$preset $quant $set vs cpu" || fail=1
+        done
     done
 done
 
@@ -82,13 +92,17 @@ step "synthetic Gemma 3 270M (the real shape: 256-wide heads, window 512): CUDA 
 "$bin" synth --preset gemma3-270m --quant q4_k_m -o "$work/g.gguf" >/dev/null
 python3 -c 'import json; print(json.dumps({"prompt_tokens": [2] + [1000 + (i * 7919) % 200000 for i in range(700)]}))' >"$work/long.jsonl"
 evaluate "$work/g.gguf" "$work/long.jsonl" cpu >"$work/a.jsonl" 2>/dev/null
-evaluate "$work/g.gguf" "$work/long.jsonl" cuda >"$work/b.jsonl" 2>/dev/null
-scripts/compare-eval.py "$work/a.jsonl" "$work/b.jsonl" --tol 1.0 \
-    --label "gemma3-270m (synthetic) 701-token prompt, cuda vs cpu" || fail=1
+for set in "${sets[@]}"; do
+    evaluate "$work/g.gguf" "$work/long.jsonl" "$set" >"$work/b.jsonl" 2>/dev/null
+    scripts/compare-eval.py "$work/a.jsonl" "$work/b.jsonl" --tol 1.0 \
+        --label "gemma3-270m (synthetic) 701-token prompt, $set vs cpu" || fail=1
+done
 
 step "speed: synthetic Gemma 3 270M (Q4_K_M) on the CUDA backend"
 "$bin" bench "$work/g.gguf" --backend cuda --prompt-tokens 128 --gen-tokens 64 --runs 3 || fail=1
 "$bin" bench "$work/g.gguf" --backend cuda --prompt-tokens 512 --gen-tokens 0 --runs 3 || fail=1
+REALM_CUDA_KERNELS=fast "$bin" bench "$work/g.gguf" --backend cuda --prompt-tokens 512 \
+    --gen-tokens 128 --runs 3 || fail=1
 "$bin" bench "$work/g.gguf" --backend cpu --threads 16 --prompt-tokens 128 --gen-tokens 64 --runs 3 || fail=1
 
 [ "$fail" = 0 ] || { echo "test-gpu: FAILED" >&2; exit 1; }

@@ -43,6 +43,9 @@ CARGO_TARGET_DIR=$GUEST_TARGET_DIR cargo clippy --manifest-path guest-sdk/Cargo.
 step "NVRTC (compiles the CUDA kernels in the tests; no GPU needed)"
 nvrtc_dir=$(scripts/nvrtc.sh)
 
+step "CUDA kernels' per-block arithmetic on the host (scripts/test-cuda-host.sh)"
+scripts/test-cuda-host.sh
+
 step "cargo test"
 LD_LIBRARY_PATH=$nvrtc_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     cargo test --workspace "${features[@]}" -- --test-threads 2

@@ -22,11 +22,13 @@ typedef unsigned int u32;
 
 #define MAX_NV 8
 
+#ifndef REALM_HOST_TWIN  // tests/cuda-host supplies a host version
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+#endif
 
 // Blocks start at any even offset (a Q4_0 block is 18 bytes), so multi-byte fields are read as
 // 16-bit halves (every block size and field offset is even).
@@ -277,6 +279,41 @@ __device__ void get_rows(const u8* __restrict__ w, unsigned long long row_bytes,
     }
 }
 
+#ifndef REALM_HOST_TWIN  // tests/cuda-host supplies a host version
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#endif
+
+// The whole matrix dequantized to f16 (row-major [nrows][ncols]), the input of a cuBLAS gemm for
+// prefill: one thread per 16-value chunk.
+template <class T>
+__device__ void dequant_f16(const u8* __restrict__ w, unsigned long long row_bytes,
+                            u16* __restrict__ out, int ncols, unsigned long long nchunks) {
+    unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= nchunks) return;
+    const int per_row = ncols / 16, per_block = T::QK / 16;
+    unsigned long long row = t / per_row;
+    int k = (int)(t % per_row);
+    float wv[16];
+    T::dequant16(w + row * row_bytes + (unsigned long long)(k / per_block) * T::BYTES,
+                 k % per_block, wv);
+    u16* o = out + row * ncols + 16 * k;
+#pragma unroll
+    for (int i = 0; i < 16; i += 2) {
+        *(u32*)(o + i) = (u32)f32_to_f16(wv[i]) | ((u32)f32_to_f16(wv[i + 1]) << 16);
+    }
+}
+
+// x rounded to f16 (the activations of a cuBLAS gemm).
+extern "C" __global__ void to_f16(const float* __restrict__ x, u16* __restrict__ out,
+                                  unsigned long long n) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_f16(x[i]);
+}
+
 #define MATVEC(name, T)                                                                        \
     extern "C" __global__ void matvec_##name(const u8* w, unsigned long long row_bytes,         \
                                              const float* x, float* y, int ncols, int nrows,    \
@@ -286,6 +323,11 @@ __device__ void get_rows(const u8* __restrict__ w, unsigned long long row_bytes,
     extern "C" __global__ void get_rows_##name(const u8* w, unsigned long long row_bytes,       \
                                                const u32* ids, float* out, int ncols) {         \
         get_rows<T>(w, row_bytes, ids, out, ncols);                                            \
+    }                                                                                          \
+    extern "C" __global__ void dequant_f16_##name(const u8* w, unsigned long long row_bytes,   \
+                                                  u16* out, int ncols,                         \
+                                                  unsigned long long nchunks) {                \
+        dequant_f16<T>(w, row_bytes, out, ncols, nchunks);                                     \
     }
 
 MATVEC(f32, F32)

@@ -148,7 +148,7 @@ extern "C" __global__ void store_kv(const float* k, const float* v, u16* kc, u16
 
 #define ATTN_TILE 128
 
-// Causal attention, one block (ATTN_TILE threads) per (row, query head): the row's query head
+// Causal attention (the reference kernel), one block (ATTN_TILE threads) per (row, query head): the row's query head
 // against the keys of positions lo..=pos of its sequence (lo = pos + 1 - window, or 0), through
 // its page table, softmax(scale * q.k) weighting the values. Two passes over the keys in tiles of
 // ATTN_TILE positions, so any context fits in a few KiB of shared memory: the first finds the
@@ -229,6 +229,108 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     for (int k = 0; k < 4; k++) {
         int d = threadIdx.x + k * ATTN_TILE;
         if (d < head_dim) oh[d] = acc[k];
+    }
+}
+
+#define ATTN_WARPS 4
+
+// Causal attention (the fast kernel, `REALM_CUDA_KERNELS=fast` until a GPU run has checked it
+// end to end), one block (ATTN_WARPS warps) per (row, query head): the row's query head
+// against the keys of positions lo..=pos of its sequence (lo = pos + 1 - window, or 0), through
+// its page table, softmax(scale * q.k) weighting the values. The warps take the positions in
+// turn; a warp's lanes own head_dim / 32 consecutive dimensions each, so a key or value row is
+// read by one coalesced warp load and a score is one warp reduction. Two passes over the keys:
+// the first finds the softmax's max and sum (online, per warp, then across warps), the second
+// weights the values by each probability rounded to f16, as the CPU backend and llama.cpp do (the
+// query is rounded to f16 too). head_dim is a multiple of 32, at most 512.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// The lane's `per` dimensions of row `r` of f16 pages (per is even: two halves per load).
+__device__ __forceinline__ void load_dims(const u16* r, int per, float* out) {
+#pragma unroll
+    for (int i = 0; i < 16; i += 2) {
+        if (i < per) {
+            u32 two = *(const u32*)(r + i);
+            out[i] = f16_to_f32((u16)(two & 0xffff));
+            out[i + 1] = f16_to_f32((u16)(two >> 16));
+        }
+    }
+}
+
+extern "C" __global__ void attention_warps(const float* q, const u16* kc, const u16* vc,
+                                           float* out, const u32* pages,
+                                           const u32* row_page_off, const int* row_pos,
+                                           int page_size, int n_head, int n_head_kv,
+                                           int head_dim, float scale, int window) {
+    __shared__ float wm[ATTN_WARPS], wl[ATTN_WARPS];
+    __shared__ float acc_s[ATTN_WARPS][512];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    const int kvh = h / (n_head / n_head_kv);
+    const int kv_dim = n_head_kv * head_dim;
+    const int per = head_dim / 32, d0 = lane * per;
+    const int pos = row_pos[r];
+    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const u32 off = row_page_off[r];
+    const float* qh = q + ((unsigned long long)r * n_head + h) * head_dim + d0;
+    float qr[16], kr[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) qr[i] = i < per ? round_f16(qh[i]) : 0.0f;
+    const unsigned long long head_off = (unsigned long long)kvh * head_dim + d0;
+
+    // Pass 1: per warp, the running max and sum of exp(score - max); then across warps.
+    float m = NEG_INF, l = 0.0f;
+    for (int j = lo + warp; j <= pos; j += ATTN_WARPS) {
+        load_dims(kc + slot_of(pages, off, j, page_size) * kv_dim + head_off, per, kr);
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; i++) dot += qr[i] * kr[i];
+        float sc = warp_sum(dot) * scale;
+        float mn = fmaxf(m, sc);
+        l = l * expf(m - mn) + expf(sc - mn);
+        m = mn;
+    }
+    if (lane == 0) {
+        wm[warp] = m;
+        wl[warp] = l;
+    }
+    __syncthreads();
+    float gm = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; w++) gm = fmaxf(gm, wm[w]);
+    float gl = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; w++) {
+        if (wl[w] > 0.0f) gl += wl[w] * expf(wm[w] - gm);
+    }
+    const float inv = 1.0f / gl;
+
+    // Pass 2: out = sum_j round_f16(p_j) * v_j, each warp over its positions, then summed.
+    float acc[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) acc[i] = 0.0f;
+    for (int j = lo + warp; j <= pos; j += ATTN_WARPS) {
+        unsigned long long slot = slot_of(pages, off, j, page_size) * kv_dim + head_off;
+        load_dims(kc + slot, per, kr);
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; i++) dot += qr[i] * kr[i];
+        float p = round_f16(expf(warp_sum(dot) * scale - gm) * inv);
+        load_dims(vc + slot, per, kr);
+#pragma unroll
+        for (int i = 0; i < 16; i++) acc[i] += p * kr[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        if (i < per) acc_s[warp][d0 + i] = acc[i];
+    }
+    __syncthreads();
+    float* oh = out + ((unsigned long long)r * n_head + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) sum += acc_s[w][d];
+        oh[d] = sum;
     }
 }
 

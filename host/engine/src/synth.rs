@@ -263,6 +263,7 @@ pub const PRESETS: &[Preset] = &[
     // name, arch, vocab, dim, layers, heads, kv heads, head dim, ff, context, rope base, rms eps,
     // tied embeddings, sliding window (0: none)
     p("llama-3.1-8b",   Llama,  128256, 4096, 32, 32,  8, 128, 14336, 131072, 5e5, 1e-5, false, 0),
+    p("llama-3.2-1b",   Llama,  128256, 2048, 16, 32,  8,  64,  8192, 131072, 5e5, 1e-5,  true, 0),
     p("llama-2-7b",     Llama,   32000, 4096, 32, 32, 32, 128, 11008,   4096, 1e4, 1e-5, false, 0),
     p("tinyllama-1.1b", Llama,   32000, 2048, 22, 32,  4,  64,  5632,   2048, 1e4, 1e-5, false, 0),
     p("qwen2.5-0.5b",   Qwen2,  151936,  896, 24, 14,  2,  64,  4864,  32768, 1e6, 1e-6,  true, 0),

@@ -67,13 +67,17 @@ pub fn run(args: Args) -> Result<()> {
             for i in 0..n {
                 match cuda::Device::open(i, cache.as_deref()) {
                     Ok(d) => println!(
-                        "{} [kernels {}]",
+                        "{} [kernels {}, {} set; {}]",
                         d.info(),
                         if d.kernels_cached {
                             "from the cache"
                         } else {
                             "compiled now"
-                        }
+                        },
+                        if d.fast { "fast" } else { "reference" },
+                        d.blas_note
+                            .as_deref()
+                            .unwrap_or("cuBLAS for prefill products")
                     ),
                     Err(e) => println!("cuda:{i}: unusable: {e}"),
                 }
@@ -105,8 +109,8 @@ pub fn run(args: Args) -> Result<()> {
             );
             if !json {
                 println!(
-                    "{:<6} {:>5} {:>12} {:>14}  result",
-                    "type", "batch", "max rel err", "vs CPU kernels"
+                    "{:<6} {:>5} {:<6} {:>12} {:>14}  result",
+                    "type", "batch", "path", "max rel err", "vs CPU kernels"
                 );
             }
             let rows = cuda::check_kernels(&dev, &types, &mut |r| {
@@ -114,15 +118,17 @@ pub fn run(args: Args) -> Result<()> {
                     println!(
                         "{}",
                         serde_json::json!({
-                            "type": r.ty.name(), "batch": r.n, "max_rel_err": r.max_rel_err,
+                            "type": r.ty.name(), "batch": r.n, "path": r.path.name(),
+                            "max_rel_err": r.max_rel_err,
                             "max_rel_diff_cpu": r.max_rel_diff_cpu, "ok": r.ok,
                         })
                     );
                 } else {
                     println!(
-                        "{:<6} {:>5} {:>12.2e} {:>14.2e}  {}",
+                        "{:<6} {:>5} {:<6} {:>12.2e} {:>14.2e}  {}",
                         r.ty.name(),
                         r.n,
+                        r.path.name(),
                         r.max_rel_err,
                         r.max_rel_diff_cpu,
                         if r.ok { "ok" } else { "FAIL" }

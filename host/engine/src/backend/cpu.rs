@@ -23,9 +23,6 @@ use crate::quant;
 /// Tokens handed to one gemm call: their quantized activations (a few KiB) stay in L1 while the
 /// task's weight rows stream past them.
 const TOKEN_BLOCK: usize = 64;
-/// Key and value elements (each) above which a decode step converts the cache to f32 on all
-/// threads rather than on the calling one (about 10 µs of work per thread at the threshold).
-pub(crate) const LONG_DECODE_CONVERT: usize = 1 << 16;
 /// Weight rows per kernel call in a matrix-matrix product.
 const ROW_BLOCK: usize = 256;
 /// How long the spin pool's workers keep polling after a region: longer than the gaps between
@@ -448,42 +445,11 @@ impl CpuBackend {
         let n = out.len() / (p.n_head * hd);
         let pos0 = seq.pos0;
         let lo_of = |pos: usize| p.first_visible(pos);
-        // Keys and values of every position any query here can see, converted to f32 once
-        // rather than once per query and head: [pos - base, kv_dim] each.
         let base = lo_of(pos0);
         let end = pos0 + n;
-        let mut keys = vec![0f32; (end - base) * kvd];
-        let mut values = vec![0f32; (end - base) * kvd];
-        let convert = |(i, (k, v)): (usize, (&mut [f32], &mut [f32]))| {
-            let (kr, vr) = kv.read(layer, seq.slot(base + i, page_size));
-            kr.convert_to_f32_slice(k);
-            vr.convert_to_f32_slice(v);
-        };
-        if n > 1 {
-            keys.par_chunks_mut(kvd)
-                .zip(values.par_chunks_mut(kvd))
-                .enumerate()
-                .for_each(convert);
-        } else if (end - base) * kvd >= LONG_DECODE_CONVERT {
-            // A decode step over a long context: the conversion outweighs the hand-off, so it is
-            // spread over the spin pool (rayon's workers would compete with its spinning ones).
-            let per = (end - base).div_ceil(4 * self.threads);
-            let tasks: Vec<_> = keys
-                .chunks_mut(per * kvd)
-                .zip(values.chunks_mut(per * kvd))
-                .enumerate()
-                .collect();
-            self.spin.for_each(tasks, |(c, (k, v))| {
-                for (i, kv) in k.chunks_mut(kvd).zip(v.chunks_mut(kvd)).enumerate() {
-                    convert((c * per + i, kv));
-                }
-            });
-        } else {
-            keys.chunks_mut(kvd)
-                .zip(values.chunks_mut(kvd))
-                .enumerate()
-                .for_each(convert);
-        }
+        // The kernels read the f16 pages in place (converting in registers), one run of
+        // consecutive slots (at most a page) at a time.
+        let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
         // One unit of work: `uh` query heads of one token that share a kv head (their outputs
         // are contiguous), so each key and value row is read once for all of them. A decode
         // step with fewer kv heads than threads splits the groups instead, to use every core.
@@ -500,14 +466,34 @@ impl CpuBackend {
             let len = pos + 1 - lo;
             // Keys are f16: the queries are rounded to f16 too, as llama.cpp's KQ product does
             // (f16 x f16 products are exact in f32, so only the order of the sum differs).
-            let qs: Vec<f32> = q[h0 * hd..(h0 + uh) * hd]
-                .iter()
-                .map(|&v| f16::from_f32(v).to_f32())
-                .collect();
-            // Key and value rows lo..=pos of this kv head, kv_dim apart.
-            let at = (lo - base) * kvd + kvh * hd;
+            let mut q16 = vec![f16::ZERO; uh * hd];
+            q16.convert_from_f32_slice(&q[h0 * hd..(h0 + uh) * hd]);
+            let mut qs = vec![0f32; uh * hd];
+            q16.convert_to_f32_slice(&mut qs);
+            // Runs of positions lo..=pos that are consecutive slots: (first position, length,
+            // offset of the first row's kv head in the layer's pages).
+            let runs = || {
+                let mut at = lo;
+                std::iter::from_fn(move || {
+                    (at <= pos).then(|| {
+                        let take = (page_size - at % page_size).min(pos + 1 - at);
+                        let run = (at, take, seq.slot(at, page_size) * kvd + kvh * hd);
+                        at += take;
+                        run
+                    })
+                })
+            };
             let mut scores = vec![0f32; uh * len];
-            quant::dot_rows(&qs, uh, &keys[at..], kvd, &mut scores);
+            let mut part = vec![0f32; uh * page_size];
+            for (at, take, row) in runs() {
+                let part = &mut part[..uh * take];
+                quant::dot_rows(&qs, uh, &keys[row..], kvd, part);
+                for (h, sc) in part.chunks_exact(take).enumerate() {
+                    let j = h * len + at - lo;
+                    scores[j..j + take].copy_from_slice(sc);
+                }
+            }
+            let mut p16 = vec![f16::ZERO; len];
             for head in scores.chunks_exact_mut(len) {
                 let mut max = f32::NEG_INFINITY;
                 for s in head.iter_mut() {
@@ -521,12 +507,25 @@ impl CpuBackend {
                 }
                 let inv = 1.0 / sum;
                 for s in head.iter_mut() {
-                    // The probabilities meet f16 values, so llama.cpp rounds them to f16 for
-                    // the product; doing the same keeps long contexts in step with the reference.
-                    *s = f16::from_f32(*s * inv).to_f32();
+                    *s *= inv;
                 }
+                // The probabilities meet f16 values, so llama.cpp rounds them to f16 for the
+                // product; doing the same keeps long contexts in step with the reference (both
+                // conversions by the F16C instructions where the CPU has them).
+                p16.convert_from_f32_slice(head);
+                p16.convert_to_f32_slice(head);
             }
-            quant::weighted_sum(&scores, uh, &values[at..], kvd, o);
+            // Each run's terms continue the sums of the runs before it, so the result is the
+            // same as one pass over all the rows.
+            o.fill(0.0);
+            for (at, take, row) in runs() {
+                let part = &mut part[..uh * take];
+                for (h, w) in part.chunks_exact_mut(take).enumerate() {
+                    let j = h * len + at - lo;
+                    w.copy_from_slice(&scores[j..j + take]);
+                }
+                quant::weighted_sum_acc(part, uh, &values[row..], kvd, o);
+            }
         };
         // A decode step over a short context is a few microseconds of work: less than waking the
         // other workers costs. Spread it only when there is enough (query, key) pairs.

@@ -224,7 +224,12 @@ fn open_cuda(ordinal: usize) -> Result<(Box<dyn Backend>, String), Error> {
     let cache = crate::backend::cuda::default_cache_dir();
     let b = crate::backend::cuda::CudaBackend::open(ordinal, cache.as_deref())
         .map_err(|e| Error::Backend(crate::backend::BackendError::Device(e.to_string())))?;
-    let info = b.device().info().to_string();
+    let d = b.device();
+    let info = format!(
+        "{}, {} kernels",
+        d.info(),
+        if d.fast { "fast" } else { "reference" }
+    );
     Ok((Box::new(b), info))
 }
 

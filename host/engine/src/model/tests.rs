@@ -171,12 +171,11 @@ fn prefill_in_one_batch_equals_token_by_token() {
 
 #[test]
 fn decode_over_a_long_context_equals_the_batch() {
-    // Long enough that each decode step converts its cache on every thread
-    // (backend::cpu::LONG_DECODE_CONVERT), and tiny-llama's 2 kv heads of 2 query heads each
-    // go through the grouped attention kernels.
+    // Long enough that each decode step reads its keys and values over many pages (runs of
+    // 32 slots) and spreads its heads over the threads, and tiny-llama's 2 kv heads of 2 query
+    // heads each go through the grouped attention kernels.
     let m = tiny_llama();
-    let kvd = m.hparams.n_head_kv * m.hparams.head_dim;
-    let n = crate::backend::cpu::LONG_DECODE_CONVERT / kvd + 8;
+    let n = 520;
     let toks: Vec<u32> = (0..n as u32).map(|i| 1 + (i * 7919) % 3000).collect();
     let mut batch = Session::new(&m, n).unwrap();
     let all = batch.feed_all_logits(&toks).unwrap();

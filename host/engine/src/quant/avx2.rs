@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 
 use crate::quant::scalar::{self, check_gemv, check_vec_dot, gemm_loop};
 use crate::quant::{
-    DotRowsFn, GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn, WeightedSumFn,
+    DotRowsFn, GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, RowElem, VecDotFn, WeightedSumFn,
 };
 
 pub(super) fn available() -> bool {
@@ -220,12 +220,33 @@ pub(super) fn bf16_to_f32_fn() -> Option<RowConvFn> {
     available().then_some(bf16_to_f32_row as RowConvFn)
 }
 
-pub(super) fn dot_rows_fn() -> Option<DotRowsFn> {
-    available().then_some(dot_rows as DotRowsFn)
+pub(super) fn dot_rows_fn<E: RowElem>() -> Option<DotRowsFn<E>> {
+    available().then_some(dot_rows::<E> as DotRowsFn<E>)
 }
 
-pub(super) fn weighted_sum_fn() -> Option<WeightedSumFn> {
-    available().then_some(weighted_sum as WeightedSumFn)
+pub(super) fn weighted_sum_fn<E: RowElem>() -> Option<WeightedSumFn<E>> {
+    available().then_some(weighted_sum::<E> as WeightedSumFn<E>)
+}
+
+pub(super) fn weighted_sum_acc_fn<E: RowElem>() -> Option<WeightedSumFn<E>> {
+    available().then_some(weighted_sum_acc::<E> as WeightedSumFn<E>)
+}
+
+/// Eight values of a row at `p` (f32, or f16 converted in registers).
+///
+/// # Safety
+/// `p` must point to 8 readable elements of `E`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld8_row<E: RowElem>(p: *const E) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable elements (16 bytes for f16, 32 for f32).
+    unsafe {
+        if E::F16 {
+            ld8_f16(p.cast::<u8>())
+        } else {
+            _mm256_loadu_ps(p.cast::<f32>())
+        }
+    }
 }
 
 macro_rules! entry {
@@ -522,7 +543,7 @@ unsafe fn f16_to_f32_impl(src: *const u8, dst: *mut f32, n: usize) {
     }
 }
 
-fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+fn dot_rows<E: RowElem>(xs: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]) {
     let (n, m) = scalar::check_rows("dot_rows", nq, xs.len(), out.len(), rows, stride);
     let mut q = 0;
     while q < nq {
@@ -533,10 +554,10 @@ fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32])
         // q..q + take have n values at xs[q * n..] and m outputs at out[q * m..].
         unsafe {
             match take {
-                1 => dot_rows_impl::<1, 4>(x, n, rows.as_ptr(), stride, o, m),
-                2 => dot_rows_impl::<2, 4>(x, n, rows.as_ptr(), stride, o, m),
-                3 => dot_rows_impl::<3, 2>(x, n, rows.as_ptr(), stride, o, m),
-                _ => dot_rows_impl::<4, 2>(x, n, rows.as_ptr(), stride, o, m),
+                1 => dot_rows_impl::<E, 1, 4>(x, n, rows.as_ptr(), stride, o, m),
+                2 => dot_rows_impl::<E, 2, 4>(x, n, rows.as_ptr(), stride, o, m),
+                3 => dot_rows_impl::<E, 3, 2>(x, n, rows.as_ptr(), stride, o, m),
+                _ => dot_rows_impl::<E, 4, 2>(x, n, rows.as_ptr(), stride, o, m),
             }
         }
         q += take;
@@ -547,10 +568,10 @@ fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32])
 /// each 8-wide piece of a key row is loaded once for all `Q` queries and `Q · R` independent
 /// FMA chains keep both FMA ports busy.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_impl<const Q: usize, const R: usize>(
+unsafe fn dot_rows_impl<E: RowElem, const Q: usize, const R: usize>(
     x: *const f32,
     n: usize,
-    rows: *const f32,
+    rows: *const E,
     stride: usize,
     out: *mut f32,
     m: usize,
@@ -561,7 +582,7 @@ unsafe fn dot_rows_impl<const Q: usize, const R: usize>(
         let n8 = n / 8 * 8;
         let tail = |q: usize, j: usize, mut s: f32| {
             for d in n8..n {
-                s = (*x.add(q * n + d)).mul_add(*rows.add(j * stride + d), s);
+                s = (*x.add(q * n + d)).mul_add((*rows.add(j * stride + d)).to_f32(), s);
             }
             s
         };
@@ -572,7 +593,7 @@ unsafe fn dot_rows_impl<const Q: usize, const R: usize>(
             while d < n8 {
                 let xv: [__m256; Q] = std::array::from_fn(|q| _mm256_loadu_ps(x.add(q * n + d)));
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let kv = _mm256_loadu_ps(rows.add((j + r) * stride + d));
+                    let kv = ld8_row(rows.add((j + r) * stride + d));
                     for (a, xq) in acc_r.iter_mut().zip(&xv) {
                         *a = _mm256_fmadd_ps(*xq, kv, *a);
                     }
@@ -590,7 +611,7 @@ unsafe fn dot_rows_impl<const Q: usize, const R: usize>(
             let mut acc = [_mm256_setzero_ps(); Q];
             let mut d = 0;
             while d < n8 {
-                let kv = _mm256_loadu_ps(rows.add(j * stride + d));
+                let kv = ld8_row(rows.add(j * stride + d));
                 for (q, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(q * n + d)), kv, *a);
                 }
@@ -604,7 +625,12 @@ unsafe fn dot_rows_impl<const Q: usize, const R: usize>(
     }
 }
 
-fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+fn weighted_sum<E: RowElem>(ws: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    weighted_sum_acc(ws, nq, rows, stride, out)
+}
+
+fn weighted_sum_acc<E: RowElem>(ws: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]) {
     let (n, m) = scalar::check_rows("weighted_sum", nq, out.len(), ws.len(), rows, stride);
     let mut q = 0;
     while q < nq {
@@ -615,38 +641,40 @@ fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f
         // q..q + take have m weights at ws[q * m..] and n outputs at out[q * n..].
         unsafe {
             match take {
-                1 => weighted_sum_impl::<1, 8>(w, m, rows.as_ptr(), stride, o, n),
-                2 => weighted_sum_impl::<2, 4>(w, m, rows.as_ptr(), stride, o, n),
-                3 => weighted_sum_impl::<3, 2>(w, m, rows.as_ptr(), stride, o, n),
-                _ => weighted_sum_impl::<4, 2>(w, m, rows.as_ptr(), stride, o, n),
+                1 => weighted_sum_impl::<E, 1, 8>(w, m, rows.as_ptr(), stride, o, n),
+                2 => weighted_sum_impl::<E, 2, 4>(w, m, rows.as_ptr(), stride, o, n),
+                3 => weighted_sum_impl::<E, 3, 2>(w, m, rows.as_ptr(), stride, o, n),
+                _ => weighted_sum_impl::<E, 4, 2>(w, m, rows.as_ptr(), stride, o, n),
             }
         }
         q += take;
     }
 }
 
-/// Attention's probability-weighted sum of value rows for `Q` queries that share a value head.
-/// The outputs stay in registers across all rows, `8 · C` columns of each query at a time, so
-/// each value is loaded once for all `Q` queries and no partial sum goes through memory; the
-/// products are fused (FMA), which rounds once where the scalar twin rounds twice.
+/// Attention's probability-weighted sum of value rows for `Q` queries that share a value head,
+/// added to `out`. The outputs stay in registers across all rows, `8 · C` columns of each query
+/// at a time, so each value is loaded once for all `Q` queries and no partial sum goes through
+/// memory; the products are fused (FMA), which rounds once where the scalar twin rounds twice.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum_impl<const Q: usize, const C: usize>(
+unsafe fn weighted_sum_impl<E: RowElem, const Q: usize, const C: usize>(
     w: *const f32,
     m: usize,
-    rows: *const f32,
+    rows: *const E,
     stride: usize,
     out: *mut f32,
     n: usize,
 ) {
     // SAFETY: the caller guarantees m readable weights at w + q * m for q < Q, n readable
-    // values at rows + j * stride for j < m, and n writable values at out + q * n.
+    // values at rows + j * stride for j < m, and n readable and writable values at out + q * n.
     unsafe {
         let mut d = 0;
         while d + 8 * C <= n {
-            let mut acc = [[_mm256_setzero_ps(); C]; Q];
+            let mut acc: [[__m256; C]; Q] = std::array::from_fn(|q| {
+                std::array::from_fn(|c| _mm256_loadu_ps(out.add(q * n + d + 8 * c)))
+            });
             for j in 0..m {
                 let r = rows.add(j * stride + d);
-                let v: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(r.add(8 * c)));
+                let v: [__m256; C] = std::array::from_fn(|c| ld8_row(r.add(8 * c)));
                 for (q, acc_q) in acc.iter_mut().enumerate() {
                     let wq = _mm256_set1_ps(*w.add(q * m + j));
                     for (a, vc) in acc_q.iter_mut().zip(&v) {
@@ -662,9 +690,9 @@ unsafe fn weighted_sum_impl<const Q: usize, const C: usize>(
             d += 8 * C;
         }
         while d + 8 <= n {
-            let mut acc = [_mm256_setzero_ps(); Q];
+            let mut acc: [__m256; Q] = std::array::from_fn(|q| _mm256_loadu_ps(out.add(q * n + d)));
             for j in 0..m {
-                let v = _mm256_loadu_ps(rows.add(j * stride + d));
+                let v = ld8_row(rows.add(j * stride + d));
                 for (q, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(q * m + j)), v, *a);
                 }
@@ -676,9 +704,9 @@ unsafe fn weighted_sum_impl<const Q: usize, const C: usize>(
         }
         while d < n {
             for q in 0..Q {
-                let mut acc = 0f32;
+                let mut acc = *out.add(q * n + d);
                 for j in 0..m {
-                    acc = (*w.add(q * m + j)).mul_add(*rows.add(j * stride + d), acc);
+                    acc = (*w.add(q * m + j)).mul_add((*rows.add(j * stride + d)).to_f32(), acc);
                 }
                 *out.add(q * n + d) = acc;
             }

@@ -370,10 +370,35 @@ pub type VecDotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 /// the same level's `vec_dot` (same integer sums, same f32 accumulation order per row). `w_stride`
 /// is in bytes; panics unless every row fits in `w` and `act` holds a whole activation row.
 pub type GemvFn = fn(k: usize, w: &[u8], w_stride: usize, act: &[u8], out: &mut [f32]);
-/// See [`dot_rows`].
-pub type DotRowsFn = fn(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]);
-/// See [`weighted_sum`].
-pub type WeightedSumFn = fn(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]);
+/// See [`dot_rows`] (rows of `E`: f32, or f16 as in the CPU backend's KV pages).
+pub type DotRowsFn<E = f32> = fn(xs: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]);
+/// See [`weighted_sum`] and [`weighted_sum_acc`].
+pub type WeightedSumFn<E = f32> =
+    fn(ws: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]);
+
+/// The element types attention's kernels read rows of: f32, and f16 (the CPU backend's KV pages,
+/// converted in registers).
+pub trait RowElem: Copy + Send + Sync + 'static {
+    /// Whether the type is f16 (the SIMD kernels pick their loads by it, at compile time).
+    const F16: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl RowElem for f32 {
+    const F16: bool = false;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl RowElem for half::f16 {
+    const F16: bool = true;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
 /// f32 activations → `act_type` bytes (`dst` exactly `act_type.row_bytes(src.len())` long).
 pub type QuantizeActFn = fn(src: &[f32], dst: &mut [u8]);
 /// Tiled matrix product of `rows` weight rows with `cols` activation rows:
@@ -495,27 +520,58 @@ pub fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
 /// elements, one row per weight, `stride` apart). The SIMD level fuses each multiply-add, so
 /// results differ from the scalar twin by rounding only. Panics unless `nq` divides both slices
 /// and `rows` holds every row named.
-pub fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+pub fn weighted_sum<E: RowElem>(ws: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if detected_isa() >= Isa::Avx2
-        && let Some(f) = avx2::weighted_sum_fn()
+        && let Some(f) = avx2::weighted_sum_fn::<E>()
     {
         return f(ws, nq, rows, stride, out);
     }
     scalar::weighted_sum(ws, nq, rows, stride, out)
 }
 
+/// [`weighted_sum`] added to what `out` holds (each column's sum continues from its value: a
+/// sum over rows split into runs, as attention over KV pages takes them, adds the same terms in
+/// the same order as one call over all the rows).
+pub fn weighted_sum_acc<E: RowElem>(
+    ws: &[f32],
+    nq: usize,
+    rows: &[E],
+    stride: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if detected_isa() >= Isa::Avx2
+        && let Some(f) = avx2::weighted_sum_acc_fn::<E>()
+    {
+        return f(ws, nq, rows, stride, out);
+    }
+    scalar::weighted_sum_acc(ws, nq, rows, stride, out)
+}
+
 /// [`weighted_sum`] at exactly level `isa`; `None` if this CPU cannot run it (for tests and
 /// benchmarks that compare levels).
-pub fn weighted_sum_for(isa: Isa) -> Option<WeightedSumFn> {
+pub fn weighted_sum_for<E: RowElem>(isa: Isa) -> Option<WeightedSumFn<E>> {
     if !cpu_supports(isa) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        return avx2::weighted_sum_fn();
+        return avx2::weighted_sum_fn::<E>();
     }
-    Some(scalar::weighted_sum)
+    Some(scalar::weighted_sum::<E>)
+}
+
+/// [`weighted_sum_acc`] at exactly level `isa`.
+pub fn weighted_sum_acc_for<E: RowElem>(isa: Isa) -> Option<WeightedSumFn<E>> {
+    if !cpu_supports(isa) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        return avx2::weighted_sum_acc_fn::<E>();
+    }
+    Some(scalar::weighted_sum_acc::<E>)
 }
 
 /// Attention's query-key scores for `nq` queries that share a key head:
@@ -523,10 +579,10 @@ pub fn weighted_sum_for(isa: Isa) -> Option<WeightedSumFn> {
 /// `j < m = out.len() / nq` and `d < n = xs.len() / nq` (key rows `stride` apart). The SIMD
 /// level fuses the multiply-adds and sums in another order, so results differ from the scalar
 /// twin by rounding only. Panics unless `nq` divides both slices and `rows` holds every row named.
-pub fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+pub fn dot_rows<E: RowElem>(xs: &[f32], nq: usize, rows: &[E], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if detected_isa() >= Isa::Avx2
-        && let Some(f) = avx2::dot_rows_fn()
+        && let Some(f) = avx2::dot_rows_fn::<E>()
     {
         return f(xs, nq, rows, stride, out);
     }
@@ -534,15 +590,15 @@ pub fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f
 }
 
 /// [`dot_rows`] at exactly level `isa`; `None` if this CPU cannot run it.
-pub fn dot_rows_for(isa: Isa) -> Option<DotRowsFn> {
+pub fn dot_rows_for<E: RowElem>(isa: Isa) -> Option<DotRowsFn<E>> {
     if !cpu_supports(isa) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        return avx2::dot_rows_fn();
+        return avx2::dot_rows_fn::<E>();
     }
-    Some(scalar::dot_rows)
+    Some(scalar::dot_rows::<E>)
 }
 
 /// Little-endian bf16 bytes → f32 (`src.len() == 2 * dst.len()`).

@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use crate::quant::{GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, VecDotFn};
+use crate::quant::{GemmFn, GemvFn, GgmlType, QK, QK_K, QuantizeActFn, RowElem, VecDotFn};
 
 /// ggml's `GROUP_MAX_EPS`: below this a group is treated as all zero.
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -179,12 +179,12 @@ pub(crate) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) {
 /// Checks a call of [`dot_rows`](crate::quant::dot_rows) or
 /// [`weighted_sum`](crate::quant::weighted_sum) and returns (row length, rows): `rows` must hold
 /// `nrows` rows of `len` values `stride` apart, and `nq` must divide both per-query slices.
-pub(crate) fn check_rows(
+pub(crate) fn check_rows<E>(
     what: &str,
     nq: usize,
     len_total: usize,
     nrows_total: usize,
-    rows: &[f32],
+    rows: &[E],
     stride: usize,
 ) -> (usize, usize) {
     assert!(nq > 0, "{what}: no queries");
@@ -208,7 +208,13 @@ pub(crate) fn check_rows(
 }
 
 /// `out[q · m + j] = Σ_d xs[q · n + d] · rows[j · stride + d]`, each sum taken in order of `d`.
-pub(crate) fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
+pub(crate) fn dot_rows<E: RowElem>(
+    xs: &[f32],
+    nq: usize,
+    rows: &[E],
+    stride: usize,
+    out: &mut [f32],
+) {
     let (n, m) = check_rows("dot_rows", nq, xs.len(), out.len(), rows, stride);
     for (x, out) in xs
         .chunks_exact(n.max(1))
@@ -216,7 +222,10 @@ pub(crate) fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: 
     {
         for (j, o) in out.iter_mut().enumerate() {
             let row = &rows[j * stride..j * stride + n];
-            *o = x.iter().zip(row).fold(0.0, |acc, (a, b)| acc + a * b);
+            *o = x
+                .iter()
+                .zip(row)
+                .fold(0.0, |acc, (a, b)| acc + a * b.to_f32());
         }
     }
     if n == 0 {
@@ -225,9 +234,26 @@ pub(crate) fn dot_rows(xs: &[f32], nq: usize, rows: &[f32], stride: usize, out: 
 }
 
 /// `out[q · n + d] = Σ_j ws[q · m + j] · rows[j · stride + d]`, each term added in order of `j`.
-pub(crate) fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, out: &mut [f32]) {
-    let (n, m) = check_rows("weighted_sum", nq, out.len(), ws.len(), rows, stride);
+pub(crate) fn weighted_sum<E: RowElem>(
+    ws: &[f32],
+    nq: usize,
+    rows: &[E],
+    stride: usize,
+    out: &mut [f32],
+) {
     out.fill(0.0);
+    weighted_sum_acc(ws, nq, rows, stride, out)
+}
+
+/// [`weighted_sum`] added to what `out` holds (the terms continue its sums, in order of `j`).
+pub(crate) fn weighted_sum_acc<E: RowElem>(
+    ws: &[f32],
+    nq: usize,
+    rows: &[E],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let (n, m) = check_rows("weighted_sum", nq, out.len(), ws.len(), rows, stride);
     for (w, out) in ws
         .chunks_exact(m.max(1))
         .zip(out.chunks_exact_mut(n.max(1)))
@@ -235,7 +261,7 @@ pub(crate) fn weighted_sum(ws: &[f32], nq: usize, rows: &[f32], stride: usize, o
         for (j, &wj) in w.iter().enumerate() {
             let row = &rows[j * stride..j * stride + n];
             for (o, v) in out.iter_mut().zip(row) {
-                *o += wj * v;
+                *o += wj * v.to_f32();
             }
         }
     }

@@ -1181,3 +1181,76 @@ fn gemm_columns_do_not_depend_on_the_batch() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// Attention reads the CPU backend's f16 KV pages in place: over f16 rows the kernels must give
+/// exactly what they give over the same values widened to f32 (the conversion is exact and the
+/// order of operations the same), at every ISA level.
+#[test]
+fn attention_kernels_over_f16_rows_equal_the_f32_ones() {
+    let mut rng = SmallRng::seed_from_u64(79);
+    let shapes: [(usize, usize, usize, usize); 4] = [
+        (1, 37, 256, 0),
+        (4, 33, 256, 768),
+        (2, 5, 130, 3),
+        (3, 9, 64, 64),
+    ];
+    for (nq, m, n, extra) in shapes {
+        let stride = n + extra;
+        let rows16: Vec<f16> = gaussianish(m.saturating_sub(1) * stride + n, &mut rng)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let rows32: Vec<f32> = rows16.iter().map(|v| v.to_f32()).collect();
+        let xs = gaussianish(nq * n, &mut rng);
+        let ws: Vec<f32> = (0..nq * m).map(|_| rng.random::<f32>()).collect();
+        for isa in available_isas() {
+            let what = format!("{isa:?} nq={nq} m={m} n={n}");
+            let (mut a, mut b) = (vec![0f32; nq * m], vec![0f32; nq * m]);
+            dot_rows_for::<f16>(isa).unwrap()(&xs, nq, &rows16, stride, &mut a);
+            dot_rows_for::<f32>(isa).unwrap()(&xs, nq, &rows32, stride, &mut b);
+            assert_eq!(a, b, "dot_rows {what}");
+            let (mut a, mut b) = (vec![f32::NAN; nq * n], vec![f32::NAN; nq * n]);
+            weighted_sum_for::<f16>(isa).unwrap()(&ws, nq, &rows16, stride, &mut a);
+            weighted_sum_for::<f32>(isa).unwrap()(&ws, nq, &rows32, stride, &mut b);
+            assert_eq!(a, b, "weighted_sum {what}");
+        }
+    }
+}
+
+/// A weighted sum taken in runs of rows (attention over KV pages) with `weighted_sum_acc` adds
+/// the same terms in the same order as one call over all the rows: the results are identical.
+#[test]
+fn weighted_sum_in_runs_equals_one_call() {
+    let mut rng = SmallRng::seed_from_u64(80);
+    for (nq, m, n, stride) in [(1, 70, 256, 256), (4, 45, 256, 512), (3, 7, 20, 21)] {
+        let rows: Vec<f16> = gaussianish((m - 1) * stride + n, &mut rng)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let ws: Vec<f32> = (0..nq * m).map(|_| rng.random::<f32>()).collect();
+        for isa in available_isas() {
+            let mut whole = vec![0f32; nq * n];
+            weighted_sum_for::<f16>(isa).unwrap()(&ws, nq, &rows, stride, &mut whole);
+            let mut runs = vec![0f32; nq * n];
+            let mut j = 0;
+            for take in [1, 16, 5, 32].into_iter().cycle() {
+                if j >= m {
+                    break;
+                }
+                let take = take.min(m - j);
+                let part: Vec<f32> = (0..nq)
+                    .flat_map(|q| ws[q * m + j..q * m + j + take].to_vec())
+                    .collect();
+                weighted_sum_acc_for::<f16>(isa).unwrap()(
+                    &part,
+                    nq,
+                    &rows[j * stride..],
+                    stride,
+                    &mut runs,
+                );
+                j += take;
+            }
+            assert_eq!(runs, whole, "{isa:?} nq={nq} m={m} n={n}");
+        }
+    }
+}

@@ -1,15 +1,18 @@
 //! The per-type kernel check (`realm gpu check`): for every tensor type, random weight rows
-//! through the GPU matrix kernels at batch 1, 2 … 16 and a prefill size, against
-//! - the exact reference: the same rows dequantized on the CPU (`quant::dequantize_row`, the
-//!   scalar twin of the GPU's `dequant16`) and multiplied in f64 — the GPU must match it to f32
-//!   rounding, so a wrong bit in any block layout fails;
+//! through the GPU matrix products at batch 1, 2 … 16 and larger sizes, by every path that can
+//! compute them ([`Device::paths`]: f32 mat-vec, int8 mat-vec, cuBLAS gemm), against
+//! - the exact reference of that path: the same rows dequantized on the CPU
+//!   (`quant::dequantize_row`, the scalar twin of the GPU's `dequant16`), the activations as the
+//!   path sees them (8-bit blocks of 32 by [`quantize_q8_twin`] for the int8 kernels, f32 for the
+//!   f32 mat-vec, both sides rounded to f16 for the gemm), multiplied in f64 — the GPU must match
+//!   it to f32 rounding, so a wrong bit in any block layout fails;
 //! - the CPU backend's own kernels (activations quantized to the type's `vec_dot_type`, integer
 //!   dot products): reported, since the CPU's activation quantization differs by design.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{CudaError, Device};
+use super::{CudaError, Device, MatPath};
 use crate::quant::{self, GgmlType};
 
 /// One (type, batch size) of the check.
@@ -18,6 +21,8 @@ pub struct CheckRow {
     pub ty: GgmlType,
     /// Activation rows in the product.
     pub n: usize,
+    /// The kernel path that computed it.
+    pub path: MatPath,
     /// Largest |gpu - reference| / (Σ|w·x| of that output + 1e-30) over every output.
     pub max_rel_err: f64,
     /// Largest |gpu - cpu kernels| / (Σ|w·x| + 1e-30) (informational).
@@ -26,11 +31,34 @@ pub struct CheckRow {
 }
 
 /// Largest relative error the GPU may show against the f64 reference of the same dequantized
-/// weights: f32 accumulation over a few hundred products is good to a few 1e-7 of Σ|w·x|.
+/// weights and activations: f32 accumulation over a few hundred products is good to a few 1e-7
+/// of Σ|w·x| (the tensor cores' accumulation of the gemm path to a few 1e-6).
 pub const TOLERANCE: f64 = 2e-5;
 
-/// Batch sizes checked: every decode batch up to 16 and one prefill chunk.
-pub const BATCHES: [usize; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 67];
+/// Batch sizes checked: every decode batch up to 16, the int8 path's largest, and prefill sizes
+/// (the gemm path, when cuBLAS is present).
+pub const BATCHES: [usize; 20] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 33, 64, 67, 130,
+];
+
+/// The activations the int8 kernels see: blocks of 32 quantized to `round(x / d)`, d = max|x| /
+/// 127, as `quantize_q8` in mmvq.cu, returned dequantized (q · d).
+pub fn quantize_q8_twin(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        out.extend(b.iter().map(|&v| {
+            let q = if d == 0.0 { 0.0 } else { (v / d).round() };
+            q * d
+        }));
+    }
+    out
+}
+
+fn round_f16(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
 
 fn normalish(rng: &mut ChaCha8Rng) -> f32 {
     // The sum of four uniforms: bell-shaped, with the occasional large value quantizers meet.
@@ -80,13 +108,24 @@ pub fn check_kernels(
                 &mut act[v * act_bytes..(v + 1) * act_bytes],
             );
         }
-        for &n in &BATCHES {
-            let y = dev.matmul(&dw, &x[..n * cols], n)?;
+        let wf16: Vec<f32> = wf.iter().map(|&v| round_f16(v)).collect();
+        let xq: Vec<f32> = quantize_q8_twin(&x);
+        let xf16: Vec<f32> = x.iter().map(|&v| round_f16(v)).collect();
+        for (&n, path) in BATCHES
+            .iter()
+            .flat_map(|n| dev.paths(ty).into_iter().map(move |p| (n, p)))
+        {
+            let y = dev.matmul(path, &dw, &x[..n * cols], n)?;
+            let (w_seen, x_seen) = match path {
+                MatPath::Mmvq => (&wf, &xq),
+                MatPath::Matvec => (&wf, &x),
+                MatPath::Gemm => (&wf16, &xf16),
+            };
             let (mut max_rel_err, mut max_rel_diff_cpu) = (0f64, 0f64);
             for v in 0..n {
-                let xv = &x[v * cols..(v + 1) * cols];
+                let xv = &x_seen[v * cols..(v + 1) * cols];
                 for r in 0..rows {
-                    let wr = &wf[r * cols..(r + 1) * cols];
+                    let wr = &w_seen[r * cols..(r + 1) * cols];
                     let (mut exact, mut mag) = (0f64, 0f64);
                     for (a, b) in wr.iter().zip(xv) {
                         exact += *a as f64 * *b as f64;
@@ -111,6 +150,7 @@ pub fn check_kernels(
             let row = CheckRow {
                 ty,
                 n,
+                path,
                 max_rel_err,
                 max_rel_diff_cpu,
                 ok: max_rel_err <= TOLERANCE,

@@ -14,15 +14,18 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{CudaError, Device, DeviceMatrix, MATVEC_WARPS, MAX_NV};
+use super::matmul::{GEMM_MIN_ROWS, MatPath, MatWork, grow, ptr};
+use super::{CudaError, Device, DeviceMatrix};
 use crate::backend::{Backend, BackendError};
 use crate::graph::{Activation, Graph, Op, OpHook, Pass, Weight, WeightSet};
 use crate::kv::{KvError, KvLayout, KvStorage};
 
-/// Threads of the attention kernel (`ATTN_TILE` in ops.cu) and the largest head it takes.
+/// Threads of the attention kernels (`ATTN_TILE` of the reference one, `ATTN_WARPS` warps of the
+/// fast one in ops.cu) and the largest head they take (a multiple of 32 dimensions).
 const ATTN_TILE: u32 = 128;
+const ATTN_WARPS_THREADS: u32 = 4 * 32;
 const MAX_HEAD_DIM: usize = 512;
 
 fn dev_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> BackendError + '_ {
@@ -35,66 +38,71 @@ enum DeviceWeight {
     Vector(CudaSlice<f32>),
 }
 
-/// Device buffers reused across passes (grown, never shrunk).
+/// Device buffers reused across passes (grown, never shrunk), and the CUDA graphs recorded over
+/// them.
 #[derive(Default)]
 struct Scratch {
     /// One per graph buffer.
     bufs: Vec<Option<CudaSlice<f32>>>,
-    /// Token ids `[n]`.
-    tokens: Option<CudaSlice<u32>>,
-    /// Position of each row `[n]`.
-    pos: Option<CudaSlice<i32>>,
-    /// Offset of each row's page table in `pages` `[n]`.
-    page_off: Option<CudaSlice<u32>>,
-    /// Every sequence's page table, concatenated.
-    pages: Option<CudaSlice<u32>>,
-    /// Rows that want logits `[n_out]`.
-    out_rows: Option<CudaSlice<u32>>,
-    /// Per RoPE of the graph: `[n][n_dims / 2][2]` (cos, sin).
-    rope: Vec<Option<CudaSlice<f32>>>,
+    /// The pass's description, one upload: token ids `[n]`, positions `[n]`, each row's page
+    /// table offset `[n]`, wanted rows `[n_out]`, per RoPE of the graph its (cos, sin) table
+    /// `[n][n_dims / 2][2]` (f32 bits), then every sequence's page table (last: its length varies
+    /// while the rest's layout depends on `n` and `n_out` only).
+    desc: Option<CudaSlice<u32>>,
+    /// The products' scratch.
+    work: MatWork,
+    /// Bumped whenever a buffer above moves: recorded graphs hold addresses.
+    generation: u64,
+    /// Recorded decode steps.
+    graphs: std::collections::HashMap<GraphKey, Recorded>,
 }
 
-/// Makes `slot` hold at least `len` elements and copies `data` to its start.
-fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    slot: &mut Option<CudaSlice<T>>,
-    data: &[T],
-) -> Result<(), BackendError> {
-    grow(stream, slot, data.len().max(1))?;
-    if !data.is_empty() {
-        let buf = slot.as_mut().expect("grown");
-        stream
-            .memcpy_htod(data, &mut buf.slice_mut(..data.len()))
-            .map_err(dev_err("upload of a pass's inputs"))?;
-    }
-    Ok(())
+/// What a recorded graph depends on besides the model: the pass's shape, the KV pool and the
+/// scratch buffers' addresses.
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
+struct GraphKey {
+    n: usize,
+    n_out: usize,
+    kv: u64,
+    generation: u64,
 }
 
-fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    slot: &mut Option<CudaSlice<T>>,
-    len: usize,
-) -> Result<(), BackendError> {
-    if slot.as_ref().is_none_or(|b| b.len() < len) {
-        *slot = None; // free the old one first
-        *slot = Some(
-            stream
-                .alloc_zeros::<T>(len)
-                .map_err(dev_err("allocation of activation memory"))?,
-        );
-    }
-    Ok(())
+/// A captured CUDA graph.
+struct Recorded(CudaGraph);
+
+// SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialized; the
+// backend only touches its graphs while holding the scratch mutex.
+unsafe impl Send for Recorded {}
+
+/// Decode steps of up to this many rows are recorded as CUDA graphs and replayed (a step of a
+/// model launches a few hundred small kernels; a graph launches them for ~1 µs each instead of
+/// ~3 µs). Larger passes are prefill, where launch costs are noise. Part of the fast kernel set
+/// (`REALM_CUDA_KERNELS=fast`, see matmul.rs).
+const GRAPH_MAX_ROWS: usize = GEMM_MIN_ROWS;
+/// Recorded graphs kept at most (one per batch size and output count in use).
+const MAX_GRAPHS: usize = 128;
+
+/// Device addresses of a pass's buffers.
+struct Addrs {
+    bufs: Vec<CUdeviceptr>,
+    tokens: CUdeviceptr,
+    pos: CUdeviceptr,
+    page_off: CUdeviceptr,
+    out_rows: CUdeviceptr,
+    rope: Vec<CUdeviceptr>,
+    pages: CUdeviceptr,
 }
 
-fn ptr<T>(stream: &CudaStream, b: &CudaSlice<T>) -> CUdeviceptr {
-    // Event tracking is off (Device::open), so the guard does nothing when dropped.
-    b.device_ptr(stream).0
-}
+/// Unique ids of KV pools (a recorded graph is tied to one pool's buffers).
+static NEXT_KV_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub struct CudaBackend {
     dev: Device,
     weights: Vec<DeviceWeight>,
     scratch: Mutex<Scratch>,
+    /// Whether decode steps are recorded and replayed as CUDA graphs (`REALM_CUDA_GRAPHS=0`
+    /// turns it off, to measure what graphs save or to rule them out when chasing a bug).
+    graphs: bool,
 }
 
 impl CudaBackend {
@@ -104,6 +112,7 @@ impl CudaBackend {
             dev: Device::open(ordinal, cache)?,
             weights: Vec::new(),
             scratch: Mutex::new(Scratch::default()),
+            graphs: std::env::var("REALM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         })
     }
 
@@ -146,6 +155,8 @@ fn blocks(n: u32, threads: u32) -> LaunchConfig {
 
 /// f16 KV pages in device memory: per layer, keys and values `[n_pages * page_size, kv_dim]`.
 pub struct CudaKv {
+    /// Unique among the pools of this process.
+    id: u64,
     layout: KvLayout,
     keys: Vec<CudaSlice<u16>>,
     values: Vec<CudaSlice<u16>>,
@@ -264,6 +275,7 @@ impl Backend for CudaBackend {
             .map(|_| alloc())
             .collect::<Result<_, _>>()?;
         Ok(Box::new(CudaKv {
+            id: NEXT_KV_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             layout,
             keys,
             values,
@@ -276,7 +288,7 @@ impl Backend for CudaBackend {
         graph: &Graph,
         pass: &Pass<'_>,
         kv: &mut dyn KvStorage,
-        mut hook: Option<&mut dyn OpHook>,
+        hook: Option<&mut dyn OpHook>,
     ) -> Result<Vec<f32>, BackendError> {
         if self.weights.is_empty() {
             return Err(BackendError::NotLoaded("cuda"));
@@ -286,60 +298,188 @@ impl Backend for CudaBackend {
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *guard;
         let (n, n_out) = (pass.len(), pass.out_rows.len());
+        let dev = |e: CudaError| BackendError::Device(e.to_string());
 
-        // The pass's description.
+        // Buffers for this pass's shape.
+        let mut moved = false;
         s.bufs.resize_with(graph.bufs.len(), || None);
         for (i, d) in graph.bufs.iter().enumerate() {
-            grow(
-                stream,
-                &mut s.bufs[i],
-                (d.rows_in(n, n_out) * d.width).max(1),
-            )?;
+            moved |= grow(stream, &mut s.bufs[i], d.rows_in(n, n_out) * d.width).map_err(dev)?;
         }
-        upload(stream, &mut s.tokens, &pass.tokens)?;
-        let pos: Vec<i32> = pass.pos.iter().map(|&p| p as i32).collect();
-        upload(stream, &mut s.pos, &pos)?;
-        let mut pages = Vec::new();
-        let mut page_off = vec![0u32; n];
-        for q in &pass.seqs {
-            let off = pages.len() as u32;
-            pages.extend_from_slice(q.pages);
-            page_off[q.start..q.start + q.len].fill(off);
-        }
-        upload(stream, &mut s.pages, &pages)?;
-        upload(stream, &mut s.page_off, &page_off)?;
-        let out_rows: Vec<u32> = pass.out_rows.iter().map(|&r| r as u32).collect();
-        upload(stream, &mut s.out_rows, &out_rows)?;
-        s.rope.resize_with(graph.ropes.len(), || None);
-        for (i, r) in graph.ropes.iter().enumerate() {
-            let mut table = Vec::with_capacity(n * r.n_dims);
-            for &p in &pass.pos {
-                for (c, sn) in r.table(p) {
-                    table.push(c);
-                    table.push(sn);
+        // Products' scratch: per path family (gemm or not), the widest input and tallest matrix.
+        let (mut max_cols, mut max_rows, mut max_n) = ([0usize; 2], [0usize; 2], [0usize; 2]);
+        for node in &graph.nodes {
+            if let Op::MatMul { x, outs } = &node.op {
+                let rows = graph.rows(*x, n, n_out);
+                for (w, _) in outs {
+                    let m = self.matrix(*w);
+                    let k = usize::from(self.dev.path(m.ty, rows) == MatPath::Gemm);
+                    max_cols[k] = max_cols[k].max(graph.buf(*x).width);
+                    max_rows[k] = max_rows[k].max(m.rows);
+                    max_n[k] = max_n[k].max(rows);
                 }
             }
-            upload(stream, &mut s.rope[i], &table)?;
+        }
+        for k in 0..2 {
+            if max_cols[k] > 0 && max_n[k] > 0 {
+                moved |= s
+                    .work
+                    .reserve(&self.dev, k == 1, max_n[k], max_cols[k], max_rows[k])
+                    .map_err(dev)?;
+            }
         }
 
-        let buf = |b: crate::graph::Buf| ptr(stream, s.bufs[b.index()].as_ref().expect("sized"));
-        let rows_of = |b: crate::graph::Buf| graph.rows(b, n, n_out);
-        let width = |b: crate::graph::Buf| graph.buf(b).width;
-        let matrix = |w: crate::graph::WeightId| match &self.weights[w.index()] {
+        // The pass's description, one upload.
+        let mut desc: Vec<u32> = Vec::with_capacity(4 * n + n_out);
+        desc.extend_from_slice(&pass.tokens);
+        desc.extend(pass.pos.iter().map(|&p| p as u32));
+        let mut page_off = vec![0u32; n];
+        let mut n_pages = 0u32;
+        for q in &pass.seqs {
+            page_off[q.start..q.start + q.len].fill(n_pages);
+            n_pages += q.pages.len() as u32;
+        }
+        desc.extend_from_slice(&page_off);
+        desc.extend(pass.out_rows.iter().map(|&r| r as u32));
+        let mut rope_at = Vec::with_capacity(graph.ropes.len());
+        for r in &graph.ropes {
+            rope_at.push(desc.len());
+            for &p in &pass.pos {
+                for (c, sn) in r.table(p) {
+                    desc.push(c.to_bits());
+                    desc.push(sn.to_bits());
+                }
+            }
+        }
+        let pages_at = desc.len();
+        for q in &pass.seqs {
+            desc.extend_from_slice(q.pages);
+        }
+        moved |= grow(stream, &mut s.desc, desc.len()).map_err(dev)?;
+        let d = s.desc.as_mut().expect("grown");
+        stream
+            .memcpy_htod(&desc, &mut d.slice_mut(..desc.len()))
+            .map_err(dev_err("upload of a pass's description"))?;
+        if moved {
+            s.generation += 1;
+            s.graphs.clear();
+        }
+        let base = ptr(stream, s.desc.as_ref().expect("grown"));
+        let at = |i: usize| base + 4 * i as u64;
+        let addrs = Addrs {
+            bufs: s
+                .bufs
+                .iter()
+                .map(|b| ptr(stream, b.as_ref().expect("sized")))
+                .collect(),
+            tokens: at(0),
+            pos: at(n),
+            page_off: at(2 * n),
+            out_rows: at(3 * n),
+            rope: rope_at.into_iter().map(at).collect(),
+            pages: at(pages_at),
+        };
+
+        // Decode steps replay a recorded graph; others (and every pass with a hook) launch.
+        let key = GraphKey {
+            n,
+            n_out,
+            kv: kv.id,
+            generation: s.generation,
+        };
+        let replay =
+            hook.is_none() && n == n_out && n <= GRAPH_MAX_ROWS && self.graphs && self.dev.fast;
+        if replay {
+            if !s.graphs.contains_key(&key) {
+                if s.graphs.len() >= MAX_GRAPHS {
+                    s.graphs.clear();
+                }
+                let g = self.capture(graph, pass, kv, &addrs, &s.work)?;
+                s.graphs.insert(key, Recorded(g));
+            }
+            s.graphs[&key]
+                .0
+                .launch()
+                .map_err(dev_err("launch of a recorded step"))?;
+        } else {
+            self.record(graph, pass, kv, &addrs, &s.work, hook)?;
+        }
+
+        let len = n_out * width_of(graph, graph.logits);
+        let mut logits = vec![0f32; len];
+        if len > 0 {
+            let src = s.bufs[graph.logits.index()].as_ref().expect("sized");
+            stream
+                .memcpy_dtoh(&src.slice(..len), &mut logits)
+                .map_err(dev_err("read-back of the logits"))?;
+        }
+        stream.synchronize().map_err(dev_err("the pass"))?;
+        Ok(logits)
+    }
+}
+
+fn width_of(graph: &Graph, b: crate::graph::Buf) -> usize {
+    graph.buf(b).width
+}
+
+impl CudaBackend {
+    fn matrix(&self, w: crate::graph::WeightId) -> &DeviceMatrix {
+        match &self.weights[w.index()] {
             DeviceWeight::Matrix(m) => m,
             DeviceWeight::Vector(_) => unreachable!("the graph builder checked the kinds"),
-        };
-        let vector = |w: crate::graph::WeightId| match &self.weights[w.index()] {
+        }
+    }
+
+    fn vector(&self, w: crate::graph::WeightId) -> &CudaSlice<f32> {
+        match &self.weights[w.index()] {
             DeviceWeight::Vector(v) => v,
             DeviceWeight::Matrix(_) => unreachable!("the graph builder checked the kinds"),
-        };
-        let (tokens, pos_p, pages_p, off_p, out_p) = (
-            ptr(stream, s.tokens.as_ref().expect("uploaded")),
-            ptr(stream, s.pos.as_ref().expect("uploaded")),
-            ptr(stream, s.pages.as_ref().expect("uploaded")),
-            ptr(stream, s.page_off.as_ref().expect("uploaded")),
-            ptr(stream, s.out_rows.as_ref().expect("uploaded")),
-        );
+        }
+    }
+
+    /// Records the pass's launches as a CUDA graph (on the device's own stream, which is never
+    /// the legacy default stream; event tracking is off, so nothing but launches is captured).
+    fn capture(
+        &self,
+        graph: &Graph,
+        pass: &Pass<'_>,
+        kv: &CudaKv,
+        addrs: &Addrs,
+        work: &MatWork,
+    ) -> Result<CudaGraph, BackendError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = &self.dev.stream;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(dev_err("begin of a graph capture"))?;
+        let recorded = self.record(graph, pass, kv, addrs, work, None);
+        // The capture ends whatever happened, or the stream stays in capture mode.
+        let ended = stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        recorded?;
+        ended
+            .map_err(dev_err("graph capture"))?
+            .ok_or_else(|| BackendError::Device("CUDA graph capture recorded nothing".into()))
+    }
+
+    /// Launches the graph's ops on the device's stream (reading tapped tensors back for `hook`).
+    fn record(
+        &self,
+        graph: &Graph,
+        pass: &Pass<'_>,
+        kv: &CudaKv,
+        a: &Addrs,
+        work: &MatWork,
+        mut hook: Option<&mut dyn OpHook>,
+    ) -> Result<(), BackendError> {
+        let stream = &self.dev.stream;
+        let (n, n_out) = (pass.len(), pass.out_rows.len());
+        let dev = |e: CudaError| BackendError::Device(e.to_string());
+        let buf = |b: crate::graph::Buf| a.bufs[b.index()];
+        let rows_of = |b: crate::graph::Buf| graph.rows(b, n, n_out);
+        let width = |b: crate::graph::Buf| graph.buf(b).width;
+        let (tokens, pos_p, pages_p, off_p, out_p) =
+            (a.tokens, a.pos, a.pages, a.page_off, a.out_rows);
         let page_size = pass.page_size as i32;
 
         for node in &graph.nodes {
@@ -349,7 +489,7 @@ impl Backend for CudaBackend {
             }
             match &node.op {
                 Op::Embed { table, out } => {
-                    let m = matrix(*table);
+                    let m = self.matrix(*table);
                     let f = self.dev.get_rows_fns[m.ty.index()]
                         .as_ref()
                         .expect("loaded");
@@ -377,7 +517,7 @@ impl Backend for CudaBackend {
                     eps,
                     out,
                 } => {
-                    let w = vector(*weight);
+                    let w = self.vector(*weight);
                     let len = w.len() as i32;
                     let chunks = (rows * width(*x)) as u32 / len as u32;
                     let (xp, wp, op) = (buf(*x), ptr(stream, w), buf(*out));
@@ -393,40 +533,28 @@ impl Backend for CudaBackend {
                     )?;
                 }
                 Op::MatMul { x, outs } => {
-                    let xp = buf(*x);
+                    let (xp, cols) = (buf(*x), width(*x));
+                    // One quantization of the input serves every int8 product with it.
+                    let q = if outs
+                        .iter()
+                        .any(|(w, _)| self.dev.path(self.matrix(*w).ty, rows) == MatPath::Mmvq)
+                    {
+                        Some(self.dev.quantize(xp, rows, cols, work).map_err(dev)?)
+                    } else {
+                        None
+                    };
                     for (w, out) in outs {
-                        let m = matrix(*w);
-                        let f = self.dev.matvec_fns[m.ty.index()].as_ref().expect("loaded");
-                        let (wp, rb, yp) = (ptr(stream, &m.buf), m.row_bytes as u64, buf(*out));
-                        let (ncols, nrows) = (m.cols as i32, m.rows as i32);
-                        let cfg = LaunchConfig {
-                            grid_dim: ((m.rows as u32).div_ceil(MATVEC_WARPS), 1, 1),
-                            block_dim: (32 * MATVEC_WARPS, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        for v0 in (0..rows).step_by(MAX_NV) {
-                            let nv = (rows - v0).min(MAX_NV) as i32;
-                            let xs = xp + (v0 * m.cols * 4) as u64;
-                            let ys = yp + (v0 * m.rows * 4) as u64;
-                            let mut b = stream.launch_builder(f);
-                            b.arg(&wp)
-                                .arg(&rb)
-                                .arg(&xs)
-                                .arg(&ys)
-                                .arg(&ncols)
-                                .arg(&nrows)
-                                .arg(&nv);
-                            // SAFETY: matvec_<type>(w, row_bytes, x, y, ncols, nrows, nvec):
-                            // reads `nrows` weight rows and `nv` rows of x (rows v0.. of the
-                            // [rows, ncols] input), writes `nv` rows of y ([rows, nrows]).
-                            unsafe { b.launch(cfg) }.map_err(dev_err("launch of matvec"))?;
-                        }
+                        let m = self.matrix(*w);
+                        let path = self.dev.path(m.ty, rows);
+                        self.dev
+                            .matmul_async(path, m, xp, q, buf(*out), rows, work)
+                            .map_err(dev)?;
                     }
                 }
                 Op::AddBias { x, bias } => {
                     let (p, bp, w, len) = (
                         buf(*x),
-                        ptr(stream, vector(*bias)),
+                        ptr(stream, self.vector(*bias)),
                         width(*x) as i32,
                         (rows * width(*x)) as u64,
                     );
@@ -434,7 +562,7 @@ impl Backend for CudaBackend {
                 }
                 Op::Rope { x, rope, head_dim } => {
                     let r = graph.rope(*rope);
-                    let table = ptr(stream, s.rope[rope.index()].as_ref().expect("uploaded"));
+                    let table = a.rope[rope.index()];
                     let (p, w, hd, nd, neox) = (
                         buf(*x),
                         width(*x) as i32,
@@ -487,9 +615,10 @@ impl Backend for CudaBackend {
                     out,
                     params: p,
                 } => {
-                    if p.head_dim > MAX_HEAD_DIM {
+                    if p.head_dim > MAX_HEAD_DIM || !p.head_dim.is_multiple_of(32) {
                         return Err(BackendError::Device(format!(
-                            "attention heads of {} dimensions (the CUDA kernel takes up to {MAX_HEAD_DIM})",
+                            "attention heads of {} dimensions (the CUDA kernel takes multiples \
+                             of 32 up to {MAX_HEAD_DIM})",
                             p.head_dim
                         )));
                     }
@@ -500,10 +629,15 @@ impl Backend for CudaBackend {
                     );
                     let (nh, nkv, hd) = (p.n_head as i32, p.n_head_kv as i32, p.head_dim as i32);
                     let window = p.window.map_or(0, |w| w as i32);
+                    let (name, threads) = if self.dev.fast {
+                        ("attention_warps", ATTN_WARPS_THREADS)
+                    } else {
+                        ("attention", ATTN_TILE)
+                    };
                     launch!(
                         self,
-                        "attention",
-                        blocks((n * p.n_head) as u32, ATTN_TILE),
+                        name,
+                        blocks((n * p.n_head) as u32, threads),
                         &qp,
                         &kc,
                         &vc,
@@ -547,25 +681,22 @@ impl Backend for CudaBackend {
             if let Some(h) = hook.as_deref_mut() {
                 for (b, name) in &node.taps {
                     let len = rows_of(*b) * width(*b);
-                    let src = s.bufs[b.index()].as_ref().expect("sized");
                     let mut host = vec![0f32; len];
-                    stream
-                        .memcpy_dtoh(&src.slice(..len), &mut host)
-                        .map_err(dev_err("read-back of a tapped tensor"))?;
+                    // SAFETY: the tapped buffer holds at least rows * width floats (sized for
+                    // this pass); the copy is synchronous on the pass's stream.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            &mut host,
+                            buf(*b),
+                            stream.cu_stream(),
+                        )
+                    }
+                    .map_err(dev_err("read-back of a tapped tensor"))?;
                     stream.synchronize().map_err(dev_err("synchronize"))?;
                     h.tensor(name, &host, width(*b));
                 }
             }
         }
-        let len = n_out * width(graph.logits);
-        let mut logits = vec![0f32; len];
-        if len > 0 {
-            let src = s.bufs[graph.logits.index()].as_ref().expect("sized");
-            stream
-                .memcpy_dtoh(&src.slice(..len), &mut logits)
-                .map_err(dev_err("read-back of the logits"))?;
-        }
-        stream.synchronize().map_err(dev_err("the pass"))?;
-        Ok(logits)
+        Ok(())
     }
 }

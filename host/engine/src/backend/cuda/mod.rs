@@ -19,17 +19,17 @@
 
 mod check;
 mod exec;
+mod matmul;
 
 pub use exec::{CudaBackend, CudaKv};
+pub use matmul::{GEMM_MIN_ROWS, MMVQ_TYPES, MatPath};
 
 pub use check::{CheckRow, TOLERANCE, check_kernels};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use crate::quant::GgmlType;
 
@@ -37,8 +37,11 @@ use crate::quant::GgmlType;
 pub const MATVEC_SRC: &str = include_str!("../../../../../kernels/cuda/matvec.cu");
 /// The other ops of a forward pass (norms, RoPE, KV store, attention, ...).
 pub const OPS_SRC: &str = include_str!("../../../../../kernels/cuda/ops.cu");
+/// The int8 mat-vec kernels of decode and their activation quantizer.
+pub const MMVQ_SRC: &str = include_str!("../../../../../kernels/cuda/mmvq.cu");
 /// Every kernel file, by name.
-pub const KERNELS: &[(&str, &str)] = &[("matvec", MATVEC_SRC), ("ops", OPS_SRC)];
+pub const KERNELS: &[(&str, &str)] =
+    &[("matvec", MATVEC_SRC), ("ops", OPS_SRC), ("mmvq", MMVQ_SRC)];
 /// Names of the kernels in ops.cu.
 const OPS_FNS: &[&str] = &[
     "rms_norm",
@@ -50,13 +53,9 @@ const OPS_FNS: &[&str] = &[
     "rope",
     "store_kv",
     "attention",
+    "attention_warps",
     "gather_rows",
 ];
-
-/// Activation rows one `matvec_*` launch handles (`MAX_NV` in the source).
-const MAX_NV: usize = 8;
-/// Warps (= output rows) per thread block of the mat-vec kernels.
-const MATVEC_WARPS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -78,7 +77,9 @@ pub enum CudaError {
     Invalid(String),
 }
 
-fn driver_err(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
+pub(crate) fn driver_err(
+    what: impl Into<String>,
+) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
     let what = what.into();
     move |e| CudaError::Driver {
         what,
@@ -331,10 +332,34 @@ pub struct Device {
     pub(crate) matvec_fns: Vec<Option<CudaFunction>>,
     /// `get_rows_*` (embedding lookup) per [`GgmlType::index`].
     pub(crate) get_rows_fns: Vec<Option<CudaFunction>>,
+    /// `dequant_f16_*` (the gemm path's weight slices) per [`GgmlType::index`].
+    pub(crate) dequant_fns: Vec<Option<CudaFunction>>,
+    /// `mmvq_*` for the types of [`MMVQ_TYPES`], per [`GgmlType::index`].
+    pub(crate) mmvq_fns: Vec<Option<CudaFunction>>,
+    pub(crate) quantize_q8: CudaFunction,
+    pub(crate) to_f16: CudaFunction,
+    /// cuBLAS, when its library loads (else prefill products use the mat-vec kernels).
+    pub(crate) blas: Option<cudarc::cublas::CudaBlas>,
+    /// Why there is no cuBLAS, for `realm gpu info`.
+    pub blas_note: Option<String>,
     /// The kernels of ops.cu by name.
     pub(crate) ops: std::collections::HashMap<&'static str, CudaFunction>,
     /// Whether the kernels came from the disk cache (else they were compiled now).
     pub kernels_cached: bool,
+    /// The fast kernel set (`REALM_CUDA_KERNELS=fast`: int8 mat-vec, cuBLAS prefill, CUDA
+    /// graphs, warp-per-key attention) rather than the reference set (see matmul.rs).
+    pub fast: bool,
+}
+
+/// The kernel set `REALM_CUDA_KERNELS` asks for: `reference` (default) or `fast`.
+pub fn fast_kernels_requested() -> Result<bool, CudaError> {
+    match std::env::var("REALM_CUDA_KERNELS").as_deref() {
+        Err(_) | Ok("") | Ok("reference") => Ok(false),
+        Ok("fast") => Ok(true),
+        Ok(other) => Err(CudaError::Invalid(format!(
+            "REALM_CUDA_KERNELS={other:?}: expected `reference` (the default) or `fast`"
+        ))),
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -354,6 +379,7 @@ impl Device {
     /// Opens device `ordinal`, compiling (or loading from `cache`) its kernels.
     pub fn open(ordinal: usize, cache: Option<&Path>) -> Result<Device, CudaError> {
         libraries_present()?;
+        let fast = fast_kernels_requested()?;
         let nvrtc_version = nvrtc_version()?;
         no_panic("CUDA start-up", || {
             let n = CudaContext::device_count()
@@ -404,10 +430,17 @@ impl Device {
             };
             let mut matvec_fns = vec![None; GgmlType::ALL.len()];
             let mut get_rows_fns = vec![None; GgmlType::ALL.len()];
+            let mut dequant_fns = vec![None; GgmlType::ALL.len()];
+            let mut mmvq_fns = vec![None; GgmlType::ALL.len()];
             for ty in GgmlType::ALL {
                 let t = type_suffix(ty);
                 matvec_fns[ty.index()] = Some(load(&modules[0], &format!("matvec_{t}"))?);
                 get_rows_fns[ty.index()] = Some(load(&modules[0], &format!("get_rows_{t}"))?);
+                dequant_fns[ty.index()] = Some(load(&modules[0], &format!("dequant_f16_{t}"))?);
+            }
+            for &ty in MMVQ_TYPES {
+                mmvq_fns[ty.index()] =
+                    Some(load(&modules[2], &format!("mmvq_{}", type_suffix(ty)))?);
             }
             let mut ops = std::collections::HashMap::new();
             for f in OPS_FNS {
@@ -417,15 +450,37 @@ impl Device {
             // cudarc's cross-stream events are not needed (and they would stop graph capture).
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream().map_err(driver_err("creating a stream"))?;
+            // SAFETY: as in `nvrtc_present`: only tries to dlopen the library.
+            let (blas, blas_note) = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+                match no_panic("cuBLAS", || {
+                    cudarc::cublas::CudaBlas::new(stream.clone())
+                        .map_err(|e| CudaError::Unavailable(format!("cuBLAS: {e:?}")))
+                }) {
+                    Ok(b) => (Some(b), None),
+                    Err(e) => (None, Some(e.to_string())),
+                }
+            } else {
+                (
+                    None,
+                    Some("no cuBLAS library (libcublas.so.13) on this machine".into()),
+                )
+            };
             Ok(Device {
                 info,
                 ctx,
                 stream,
+                quantize_q8: load(&modules[2], "quantize_q8")?,
+                to_f16: load(&modules[0], "to_f16")?,
                 _modules: modules,
                 matvec_fns,
                 get_rows_fns,
+                dequant_fns,
+                mmvq_fns,
+                blas,
+                blas_note,
                 ops,
                 kernels_cached,
+                fast,
             })
         })
     }
@@ -476,63 +531,6 @@ impl Device {
             row_bytes,
             buf,
         })
-    }
-
-    /// `y = x · Wᵀ` for `n` activation rows: `x` is `n × w.cols`, the result `n × w.rows`
-    /// (row-major, as the CPU backend's `matmul`). Synchronous: returns when the result is on
-    /// the host.
-    pub fn matmul(&self, w: &DeviceMatrix, x: &[f32], n: usize) -> Result<Vec<f32>, CudaError> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        if x.len() != n * w.cols {
-            return Err(CudaError::Invalid(format!(
-                "matmul: {n} rows of {} take {} values, got {}",
-                w.cols,
-                n * w.cols,
-                x.len()
-            )));
-        }
-        let f = self.matvec_fns[w.ty.index()]
-            .as_ref()
-            .expect("every type's kernel is loaded at open");
-        let dx = self
-            .stream
-            .clone_htod(x)
-            .map_err(driver_err("uploading activations"))?;
-        let mut dy = self
-            .stream
-            .alloc_zeros::<f32>(n * w.rows)
-            .map_err(driver_err("allocating the output"))?;
-        let (ncols, nrows) = (w.cols as i32, w.rows as i32);
-        let row_bytes = w.row_bytes as u64;
-        let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(MATVEC_WARPS), 1, 1),
-            block_dim: (32 * MATVEC_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        for v0 in (0..n).step_by(MAX_NV) {
-            let nv = (n - v0).min(MAX_NV) as i32;
-            let xs = dx.slice(v0 * w.cols..);
-            let mut ys = dy.slice_mut(v0 * w.rows..);
-            let mut launch = self.stream.launch_builder(f);
-            launch
-                .arg(&w.buf)
-                .arg(&row_bytes)
-                .arg(&xs)
-                .arg(&mut ys)
-                .arg(&ncols)
-                .arg(&nrows)
-                .arg(&nv);
-            // SAFETY: the argument list matches `matvec_*`'s signature (weights, row bytes as
-            // u64, x, y, ncols, nrows, nvec as i32); the kernel reads `nrows` rows of
-            // `row_bytes` from `w.buf` and `nv` rows of `ncols` floats from `xs`, and writes
-            // `nv` rows of `nrows` floats into `ys`, all inside the buffers (checked above).
-            unsafe { launch.launch(cfg) }.map_err(driver_err("launching matvec"))?;
-        }
-        self.stream
-            .clone_dtoh(&dy)
-            .map_err(driver_err("reading the result back"))
     }
 }
 
