@@ -242,13 +242,15 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
 // read by one coalesced warp load and a score is one warp reduction. Two passes over the keys:
 // the first finds the softmax's max and sum (online, per warp, then across warps), the second
 // weights the values by each probability rounded to f16, as the CPU backend and llama.cpp do (the
-// query is rounded to f16 too). head_dim is a multiple of 32, at most 512.
+// query is rounded to f16 too). head_dim is a multiple of 64 (each lane's dimensions are an even
+// count, read two halves at a time), at most 512; the host takes the reference kernel otherwise.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
 }
 
-// The lane's `per` dimensions of row `r` of f16 pages (per is even: two halves per load).
+// The lane's `per` dimensions of row `r` of f16 pages (per is even: two halves per 32-bit load);
+// out[i] for i >= per is left as it was (callers bound their loops by per).
 __device__ __forceinline__ void load_dims(const u16* r, int per, float* out) {
 #pragma unroll
     for (int i = 0; i < 16; i += 2) {
@@ -287,7 +289,9 @@ extern "C" __global__ void attention_warps(const float* q, const u16* kc, const 
         load_dims(kc + slot_of(pages, off, j, page_size) * kv_dim + head_off, per, kr);
         float dot = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; i++) dot += qr[i] * kr[i];
+        for (int i = 0; i < 16; i++) {
+            if (i < per) dot += qr[i] * kr[i];
+        }
         float sc = warp_sum(dot) * scale;
         float mn = fmaxf(m, sc);
         l = l * expf(m - mn) + expf(sc - mn);
@@ -315,11 +319,15 @@ extern "C" __global__ void attention_warps(const float* q, const u16* kc, const 
         load_dims(kc + slot, per, kr);
         float dot = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; i++) dot += qr[i] * kr[i];
+        for (int i = 0; i < 16; i++) {
+            if (i < per) dot += qr[i] * kr[i];
+        }
         float p = round_f16(expf(warp_sum(dot) * scale - gm) * inv);
         load_dims(vc + slot, per, kr);
 #pragma unroll
-        for (int i = 0; i < 16; i++) acc[i] += p * kr[i];
+        for (int i = 0; i < 16; i++) {
+            if (i < per) acc[i] += p * kr[i];
+        }
     }
 #pragma unroll
     for (int i = 0; i < 16; i++) {

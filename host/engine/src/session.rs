@@ -5,6 +5,14 @@ use crate::Error;
 use crate::kv::{KvPool, SeqCache};
 use crate::model::{LogitsWanted, Model, SeqInput};
 
+/// Most tokens a session hands the model in one forward pass (llama.cpp's default `ubatch`): a
+/// longer prompt goes in passes of this many, so activation memory stays that of 512 rows however
+/// long the prompt (a 8,192-token prompt in one pass would hold ~280 MiB of activations for a
+/// 270M model). The passes' results are the same as one pass's: every product's rows are
+/// computed independently of the batch, and attention reads the earlier passes' keys and values
+/// from the same f16 cache.
+pub const MAX_PASS_TOKENS: usize = 512;
+
 pub struct Session<'m> {
     model: &'m Model,
     pool: KvPool,
@@ -31,17 +39,43 @@ impl<'m> Session<'m> {
         self.seq.is_empty()
     }
 
-    /// Appends `tokens` in one batch; returns the logits after the last one.
+    /// Appends `tokens` (in passes of at most [`MAX_PASS_TOKENS`]); returns the logits after the
+    /// last one. On error the session is as it was before the call.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Error> {
         self.run(tokens, LogitsWanted::Last)
     }
 
-    /// Appends `tokens` in one batch; returns logits for every one of them ([n, n_vocab]).
+    /// Appends `tokens`; returns logits for every one of them ([n, n_vocab]). On error the
+    /// session is as it was before the call.
     pub fn feed_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Error> {
         self.run(tokens, LogitsWanted::All)
     }
 
     fn run(&mut self, tokens: &[u32], logits: LogitsWanted) -> Result<Vec<f32>, Error> {
+        if tokens.len() <= MAX_PASS_TOKENS {
+            return self.pass(tokens, logits);
+        }
+        let start = self.seq.len();
+        let mut out = Vec::new();
+        let n = tokens.len().div_ceil(MAX_PASS_TOKENS);
+        for (i, chunk) in tokens.chunks(MAX_PASS_TOKENS).enumerate() {
+            let want = match logits {
+                LogitsWanted::Last if i + 1 < n => LogitsWanted::None,
+                w => w,
+            };
+            match self.pass(chunk, want) {
+                Ok(l) => out.extend_from_slice(&l),
+                Err(e) => {
+                    // Earlier passes advanced the sequence: take them back.
+                    self.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn pass(&mut self, tokens: &[u32], logits: LogitsWanted) -> Result<Vec<f32>, Error> {
         let mut inputs = [SeqInput {
             tokens,
             cache: &mut self.seq,

@@ -322,3 +322,38 @@ fn absurd_hyperparameters_are_refused() {
         }
     }
 }
+
+#[test]
+fn a_long_feed_goes_in_passes_and_an_error_takes_them_all_back() {
+    use crate::session::MAX_PASS_TOKENS;
+    let m = tiny_llama();
+    let n = (MAX_PASS_TOKENS + 8).min(m.hparams.n_ctx_train);
+    assert!(
+        n > MAX_PASS_TOKENS,
+        "the fixture's context is too short for two passes"
+    );
+    let toks: Vec<u32> = (0..n as u32).map(|i| 1 + (i * 7919) % 3000).collect();
+    let v = m.hparams.n_vocab;
+    // Two passes (512 + 8) against one pass of each part fed by hand: the same logits.
+    let mut a = Session::new(&m, n).unwrap();
+    let all = a.feed_all_logits(&toks).unwrap();
+    assert_eq!(all.len(), n * v);
+    let mut b = Session::new(&m, n).unwrap();
+    let first = b.feed_all_logits(&toks[..MAX_PASS_TOKENS]).unwrap();
+    let rest = b.feed_all_logits(&toks[MAX_PASS_TOKENS..]).unwrap();
+    assert_eq!(&all[..first.len()], &first[..]);
+    assert_eq!(&all[first.len()..], &rest[..]);
+    let mut c = Session::new(&m, n).unwrap();
+    let last = c.feed(&toks).unwrap();
+    // (Only the last row's logits: one output row takes the gemv kernels, not the gemm.)
+    assert_close(&last, &all[(n - 1) * v..], "feed against feed_all_logits");
+    // A bad token in the second pass: an error, and the first pass taken back.
+    let mut bad = toks.clone();
+    bad[n - 1] = u32::MAX;
+    let mut d = Session::new(&m, n + 3).unwrap();
+    d.feed(&toks[..3]).unwrap();
+    assert!(d.feed(&bad).is_err());
+    assert_eq!(d.len(), 3, "the first pass was not taken back");
+    let again = d.feed(&toks[3..]).unwrap();
+    assert_close(&again, &last, "after the error");
+}

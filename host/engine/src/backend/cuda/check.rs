@@ -115,7 +115,9 @@ pub fn check_kernels(
             .iter()
             .flat_map(|n| dev.paths(ty).into_iter().map(move |p| (n, p)))
         {
-            let y = dev.matmul(path, &dw, &x[..n * cols], n)?;
+            // The gemm path dequantizes 128 rows at a time here (300 rows: three slices, the
+            // last one short), as a pass does with matrices larger than its slice.
+            let y = dev.matmul_sliced(path, &dw, &x[..n * cols], n, 128 * cols)?;
             let (w_seen, x_seen) = match path {
                 MatPath::Mmvq => (&wf, &xq),
                 MatPath::Matvec => (&wf, &x),

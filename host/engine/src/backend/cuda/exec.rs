@@ -23,7 +23,8 @@ use crate::graph::{Activation, Graph, Op, OpHook, Pass, Weight, WeightSet};
 use crate::kv::{KvError, KvLayout, KvStorage};
 
 /// Threads of the attention kernels (`ATTN_TILE` of the reference one, `ATTN_WARPS` warps of the
-/// fast one in ops.cu) and the largest head they take (a multiple of 32 dimensions).
+/// fast one in ops.cu, which takes heads of a multiple of 64 dimensions) and the largest head
+/// they take.
 const ATTN_TILE: u32 = 128;
 const ATTN_WARPS_THREADS: u32 = 4 * 32;
 const MAX_HEAD_DIM: usize = 512;
@@ -55,6 +56,8 @@ struct Scratch {
     generation: u64,
     /// Recorded decode steps.
     graphs: std::collections::HashMap<GraphKey, Recorded>,
+    /// A capture failed: every pass launches op by op from then on.
+    capture_failed: bool,
 }
 
 /// What a recorded graph depends on besides the model: the pass's shape, the KV pool and the
@@ -245,6 +248,12 @@ impl Backend for CudaBackend {
             .synchronize()
             .map_err(dev_err("weight upload"))?;
         self.weights = out;
+        // Recorded graphs hold the old weights' addresses.
+        self.scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .graphs
+            .clear();
         Ok(())
     }
 
@@ -387,20 +396,34 @@ impl Backend for CudaBackend {
             kv: kv.id,
             generation: s.generation,
         };
-        let replay =
-            hook.is_none() && n == n_out && n <= GRAPH_MAX_ROWS && self.graphs && self.dev.fast;
+        let replay = hook.is_none()
+            && n == n_out
+            && n <= GRAPH_MAX_ROWS
+            && self.graphs
+            && self.dev.fast
+            && !s.capture_failed;
         if replay {
             if !s.graphs.contains_key(&key) {
                 if s.graphs.len() >= MAX_GRAPHS {
                     s.graphs.clear();
                 }
-                let g = self.capture(graph, pass, kv, &addrs, &s.work)?;
-                s.graphs.insert(key, Recorded(g));
+                match self.capture(graph, pass, kv, &addrs, &s.work) {
+                    Ok(g) => {
+                        s.graphs.insert(key, Recorded(g));
+                    }
+                    Err(e) => {
+                        // Launch op by op from now on, and say so once.
+                        eprintln!(
+                            "realm: CUDA graph capture failed ({e}); launching every op directly"
+                        );
+                        s.capture_failed = true;
+                        self.record(graph, pass, kv, &addrs, &s.work, None)?;
+                    }
+                }
             }
-            s.graphs[&key]
-                .0
-                .launch()
-                .map_err(dev_err("launch of a recorded step"))?;
+            if let Some(g) = s.graphs.get(&key) {
+                g.0.launch().map_err(dev_err("launch of a recorded step"))?;
+            }
         } else {
             self.record(graph, pass, kv, &addrs, &s.work, hook)?;
         }
@@ -615,10 +638,10 @@ impl CudaBackend {
                     out,
                     params: p,
                 } => {
-                    if p.head_dim > MAX_HEAD_DIM || !p.head_dim.is_multiple_of(32) {
+                    if p.head_dim > MAX_HEAD_DIM {
                         return Err(BackendError::Device(format!(
-                            "attention heads of {} dimensions (the CUDA kernel takes multiples \
-                             of 32 up to {MAX_HEAD_DIM})",
+                            "attention heads of {} dimensions (the CUDA kernels take up to \
+                             {MAX_HEAD_DIM})",
                             p.head_dim
                         )));
                     }
@@ -629,7 +652,8 @@ impl CudaBackend {
                     );
                     let (nh, nkv, hd) = (p.n_head as i32, p.n_head_kv as i32, p.head_dim as i32);
                     let window = p.window.map_or(0, |w| w as i32);
-                    let (name, threads) = if self.dev.fast {
+                    // The fast kernel reads two halves per load: heads of a multiple of 64.
+                    let (name, threads) = if self.dev.fast && p.head_dim.is_multiple_of(64) {
                         ("attention_warps", ATTN_WARPS_THREADS)
                     } else {
                         ("attention", ATTN_TILE)

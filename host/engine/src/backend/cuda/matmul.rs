@@ -31,7 +31,7 @@ pub const MATVEC_WARPS: u32 = 4;
 /// rows costs less than writing and reading an f16 copy of them).
 pub const GEMM_MIN_ROWS: usize = 64;
 /// Largest f16 weight slice dequantized at once for a gemm (elements): 128 MiB.
-const GEMM_SLICE_ELEMS: usize = 64 << 20;
+pub const GEMM_SLICE_ELEMS: usize = 64 << 20;
 
 /// The types with an int8 (`mmvq.cu`) kernel.
 pub const MMVQ_TYPES: &[GgmlType] = &[
@@ -96,6 +96,9 @@ pub struct MatWork {
     /// f16 activations `[n][cols]` and a slice of f16 weights.
     x16: Option<CudaSlice<u16>>,
     w16: Option<CudaSlice<u16>>,
+    /// Elements of the f16 weight slice (0: [`GEMM_SLICE_ELEMS`]); the kernel check makes it
+    /// small so that a matrix takes several slices.
+    slice_elems: usize,
 }
 
 impl MatWork {
@@ -117,7 +120,12 @@ impl MatWork {
             moved |= grow(s, &mut self.xd, nq.div_ceil(32))?;
         } else {
             moved |= grow(s, &mut self.x16, n * cols)?;
-            let slice = (GEMM_SLICE_ELEMS / cols.max(1)).max(1).min(max_rows) * cols;
+            let elems = if self.slice_elems == 0 {
+                GEMM_SLICE_ELEMS
+            } else {
+                self.slice_elems
+            };
+            let slice = (elems / cols.max(1)).max(1).min(max_rows) * cols;
             moved |= grow(s, &mut self.w16, slice)?;
         }
         Ok(moved)
@@ -366,6 +374,19 @@ impl Device {
         x: &[f32],
         n: usize,
     ) -> Result<Vec<f32>, CudaError> {
+        self.matmul_sliced(path, w, x, n, 0)
+    }
+
+    /// [`Device::matmul`] with the gemm path's weights dequantized `slice_elems` elements at a
+    /// time (0: the default), so a check can make one matrix take several slices.
+    pub fn matmul_sliced(
+        &self,
+        path: MatPath,
+        w: &DeviceMatrix,
+        x: &[f32],
+        n: usize,
+        slice_elems: usize,
+    ) -> Result<Vec<f32>, CudaError> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -385,7 +406,10 @@ impl Device {
             .stream
             .alloc_zeros::<f32>(n * w.rows)
             .map_err(driver_err("allocating the output"))?;
-        let mut work = MatWork::default();
+        let mut work = MatWork {
+            slice_elems,
+            ..MatWork::default()
+        };
         work.reserve(self, path == MatPath::Gemm, n, w.cols, w.rows)?;
         let (xp, yp) = (ptr(&self.stream, &dx), ptr(&self.stream, &dy));
         let q = match path {
