@@ -145,78 +145,76 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* sc, int* m
     }
 }
 
+// Q4_K and Q5_K pieces: 8 values of sub-block 2p (lo0, lo1: four 8-bit values each) and 8 of
+// sub-block 2p + 1 (hi0, hi1), with each sub-block's scale and min (times d, dmin). Piece t (16 a
+// block): p = t / 4, values o = 8 (t % 4) .. o + 8 of both sub-blocks.
+struct KPiece { float a0, m0, a1, m1; u32 lo0, lo1, hi0, hi1; };
+
+__device__ __forceinline__ void k_scales(const u8* b, int pair, KPiece* p) {
+    int sc, m;
+    float d = ldf16(b), dmin = ldf16(b + 2);
+    scale_min_k4(2 * pair, b + 4, &sc, &m);
+    p->a0 = d * (float)sc;
+    p->m0 = dmin * (float)m;
+    scale_min_k4(2 * pair + 1, b + 4, &sc, &m);
+    p->a1 = d * (float)sc;
+    p->m1 = dmin * (float)m;
+}
+
+__device__ __forceinline__ float k_dot(const KPiece& p, int t, const i8* xq, const float* xd) {
+    int pair = t / 4, o = 8 * (t % 4);
+    const i8* x0 = xq + 64 * pair + o;  // sub-block 2p
+    const i8* x1 = x0 + 32;             // sub-block 2p + 1
+    int a0 = ldx(x0), a1 = ldx(x0 + 4), b0 = ldx(x1), b1 = ldx(x1 + 4);
+    int s0 = dp4a((int)p.lo0, a0, dp4a((int)p.lo1, a1, 0));
+    int s1 = dp4a((int)p.hi0, b0, dp4a((int)p.hi1, b1, 0));
+    int x0s = dp4a(ONES, a0, dp4a(ONES, a1, 0));
+    int x1s = dp4a(ONES, b0, dp4a(ONES, b1, 0));
+    float d0 = xd[2 * pair], d1 = xd[2 * pair + 1];
+    return d0 * (p.a0 * (float)s0 - p.m0 * (float)x0s) + d1 * (p.a1 * (float)s1 - p.m1 * (float)x1s);
+}
+
 // Q4_K: d, dmin (f16), scales[12], qs[128]; sub-block 2p + h (32 values) is the low (h = 0) or
-// high (h = 1) nibbles of qs[32p .. 32p + 32]. Piece t (16 a block): p = t / 4, bytes
-// o = 8 (t % 4) .. o + 8 of that pair: 8 values of sub-block 2p and 8 of 2p + 1.
+// high (h = 1) nibbles of qs[32p .. 32p + 32].
 struct Q4_K {
     static const int QK = 256, BYTES = 144, PARTS = 16;
-    struct Piece { float a0, m0, a1, m1; u32 q0, q1; };
+    typedef KPiece Piece;
     __device__ static Piece load(const u8* b, int t) {
         Piece p;
         int pair = t / 4, o = 8 * (t % 4);
-        int sc, m;
-        float d = ldf16(b), dmin = ldf16(b + 2);
-        scale_min_k4(2 * pair, b + 4, &sc, &m);
-        p.a0 = d * (float)sc;
-        p.m0 = dmin * (float)m;
-        scale_min_k4(2 * pair + 1, b + 4, &sc, &m);
-        p.a1 = d * (float)sc;
-        p.m1 = dmin * (float)m;
-        p.q0 = ld32(b + 16 + 32 * pair + o);
-        p.q1 = ld32(b + 20 + 32 * pair + o);
+        k_scales(b, pair, &p);
+        u32 q0 = ld32(b + 16 + 32 * pair + o), q1 = ld32(b + 20 + 32 * pair + o);
+        p.lo0 = q0 & 0x0F0F0F0Fu;
+        p.lo1 = q1 & 0x0F0F0F0Fu;
+        p.hi0 = (q0 >> 4) & 0x0F0F0F0Fu;
+        p.hi1 = (q1 >> 4) & 0x0F0F0F0Fu;
         return p;
     }
     __device__ static float dot(const Piece& p, int t, const i8* xq, const float* xd) {
-        int pair = t / 4, o = 8 * (t % 4);
-        const i8* x0 = xq + 64 * pair + o;       // sub-block 2p
-        const i8* x1 = x0 + 32;                  // sub-block 2p + 1
-        int a0 = ldx(x0), a1 = ldx(x0 + 4), b0 = ldx(x1), b1 = ldx(x1 + 4);
-        int s0 = dp4a((int)(p.q0 & 0x0F0F0F0Fu), a0, dp4a((int)(p.q1 & 0x0F0F0F0Fu), a1, 0));
-        int s1 = dp4a((int)((p.q0 >> 4) & 0x0F0F0F0Fu), b0,
-                      dp4a((int)((p.q1 >> 4) & 0x0F0F0F0Fu), b1, 0));
-        int x0s = dp4a(ONES, a0, dp4a(ONES, a1, 0));
-        int x1s = dp4a(ONES, b0, dp4a(ONES, b1, 0));
-        float d0 = xd[2 * pair], d1 = xd[2 * pair + 1];
-        return d0 * (p.a0 * (float)s0 - p.m0 * (float)x0s) + d1 * (p.a1 * (float)s1 - p.m1 * (float)x1s);
+        return k_dot(p, t, xq, xd);
     }
 };
 
 // Q5_K: d, dmin (f16), scales[12], qh[32] (bit sb of qh[l] = 5th bit of value 32 sb + l),
-// qs[128] as Q4_K. Pieces as Q4_K, plus qh[o .. o + 8].
+// qs[128] as Q4_K.
 struct Q5_K {
     static const int QK = 256, BYTES = 176, PARTS = 16;
-    struct Piece { float a0, m0, a1, m1; u32 l0, l1, h0, h1; };
+    typedef KPiece Piece;
     __device__ static Piece load(const u8* b, int t) {
         Piece p;
         int pair = t / 4, o = 8 * (t % 4);
-        int sc, m;
-        float d = ldf16(b), dmin = ldf16(b + 2);
-        scale_min_k4(2 * pair, b + 4, &sc, &m);
-        p.a0 = d * (float)sc;
-        p.m0 = dmin * (float)m;
-        scale_min_k4(2 * pair + 1, b + 4, &sc, &m);
-        p.a1 = d * (float)sc;
-        p.m1 = dmin * (float)m;
+        k_scales(b, pair, &p);
         u32 q0 = ld32(b + 48 + 32 * pair + o), q1 = ld32(b + 52 + 32 * pair + o);
         u32 h0 = ld32(b + 16 + o), h1 = ld32(b + 20 + o);
         int s0 = 2 * pair, s1 = 2 * pair + 1;
-        p.l0 = (q0 & 0x0F0F0F0Fu) | (((h0 >> s0) & ONES) << 4);
-        p.l1 = (q1 & 0x0F0F0F0Fu) | (((h1 >> s0) & ONES) << 4);
-        p.h0 = ((q0 >> 4) & 0x0F0F0F0Fu) | (((h0 >> s1) & ONES) << 4);
-        p.h1 = ((q1 >> 4) & 0x0F0F0F0Fu) | (((h1 >> s1) & ONES) << 4);
+        p.lo0 = (q0 & 0x0F0F0F0Fu) | (((h0 >> s0) & ONES) << 4);
+        p.lo1 = (q1 & 0x0F0F0F0Fu) | (((h1 >> s0) & ONES) << 4);
+        p.hi0 = ((q0 >> 4) & 0x0F0F0F0Fu) | (((h0 >> s1) & ONES) << 4);
+        p.hi1 = ((q1 >> 4) & 0x0F0F0F0Fu) | (((h1 >> s1) & ONES) << 4);
         return p;
     }
     __device__ static float dot(const Piece& p, int t, const i8* xq, const float* xd) {
-        int pair = t / 4, o = 8 * (t % 4);
-        const i8* x0 = xq + 64 * pair + o;
-        const i8* x1 = x0 + 32;
-        int a0 = ldx(x0), a1 = ldx(x0 + 4), b0 = ldx(x1), b1 = ldx(x1 + 4);
-        int s0 = dp4a((int)p.l0, a0, dp4a((int)p.l1, a1, 0));
-        int s1 = dp4a((int)p.h0, b0, dp4a((int)p.h1, b1, 0));
-        int x0s = dp4a(ONES, a0, dp4a(ONES, a1, 0));
-        int x1s = dp4a(ONES, b0, dp4a(ONES, b1, 0));
-        float d0 = xd[2 * pair], d1 = xd[2 * pair + 1];
-        return d0 * (p.a0 * (float)s0 - p.m0 * (float)x0s) + d1 * (p.a1 * (float)s1 - p.m1 * (float)x1s);
+        return k_dot(p, t, xq, xd);
     }
 };
 
