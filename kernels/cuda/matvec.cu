@@ -13,28 +13,10 @@
 // every type has the same loop, and only `dequant16` differs. The block layouts follow ggml's
 // byte for byte (see host/engine/src/quant/scalar.rs, which dequantizes identically).
 //
-// Header-free on purpose: NVRTC finds no CUDA headers by itself.
-
-typedef unsigned char u8;
-typedef signed char i8;
-typedef unsigned short u16;
-typedef unsigned int u32;
+// Header-free on purpose (NVRTC finds no CUDA headers by itself); common.cuh is prepended.
 
 #define MAX_NV 8
 
-#ifndef REALM_HOST_TWIN  // tests/cuda-host supplies a host version
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-#endif
-
-// Blocks start at any even offset (a Q4_0 block is 18 bytes), so multi-byte fields are read as
-// 16-bit halves (every block size and field offset is even).
-__device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
-__device__ __forceinline__ u32 ld32(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
-__device__ __forceinline__ float ldf16(const u8* p) { return f16_to_f32(ld16(p)); }
 __device__ __forceinline__ float ldf32(const u8* p) { return __uint_as_float(ld32(p)); }
 
 // Each format: QK elements in BYTES bytes; dequant16(b, c, out) writes elements 16c .. 16c+15 of
@@ -278,14 +260,6 @@ __device__ void get_rows(const u8* __restrict__ w, unsigned long long row_bytes,
         for (int i = 0; i < 16; i++) o[16 * k + i] = wv[i];
     }
 }
-
-#ifndef REALM_HOST_TWIN  // tests/cuda-host supplies a host version
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-#endif
 
 // The whole matrix dequantized to f16 (row-major [nrows][ncols]), the input of a cuBLAS gemm for
 // prefill: one thread per 16-value chunk.

@@ -19,28 +19,10 @@
 //
 // The scalar twin is `check.rs` (the same 8-bit activations on the CPU, dot products in f64);
 // `realm gpu check` compares them for every type at every batch size. Formats without a kernel
-// here use matvec.cu (f32 activations). Header-free on purpose: NVRTC finds no CUDA headers.
-
-typedef unsigned char u8;
-typedef signed char i8;
-typedef unsigned short u16;
-typedef unsigned int u32;
+// here use matvec.cu (f32 activations). Header-free on purpose; common.cuh is prepended.
 
 #define MAX_NV 8
 
-#ifndef REALM_HOST_TWIN  // tests/cuda-host supplies a host version
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-#endif
-
-// Blocks start at any even offset (Q4_0 is 18 bytes, Q6_K 210), so 32-bit fields of the weights
-// are read as two 16-bit halves.
-__device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
-__device__ __forceinline__ u32 ld32(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
-__device__ __forceinline__ float ldf16(const u8* p) { return f16_to_f32(ld16(p)); }
 // Activation ints: 4-byte aligned (offsets are multiples of 4 from an aligned buffer).
 __device__ __forceinline__ int ldx(const i8* p) { return *(const int*)p; }
 

@@ -3,23 +3,8 @@
 // row-major; KV pages are f16 `[n_pages * page_size][kv_dim]` per layer.
 //
 // Correctness first, like matvec.cu: one straightforward kernel per op, checked end to end by
-// `realm eval --backend cuda` against llama.cpp's reference logits. Header-free on purpose: NVRTC
-// finds no CUDA headers by itself.
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+// `realm eval --backend cuda` against llama.cpp's reference logits. Header-free on purpose (NVRTC
+// finds no CUDA headers by itself); common.cuh is prepended.
 
 #define NEG_INF __int_as_float(0xff800000)
 

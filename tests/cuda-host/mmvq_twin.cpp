@@ -20,7 +20,8 @@ typedef signed char i8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
-// The CUDA built-ins the kernel files use, for the host.
+// The CUDA built-ins the kernel files use, for the host (common.cuh's f16 conversions are
+// PTX, skipped under REALM_HOST_TWIN).
 #define REALM_HOST_TWIN
 #define __device__
 #define __global__
@@ -37,10 +38,13 @@ static inline int __dp4a(int a, int b, int c) {
     return c;
 }
 
+// Each file with common.cuh in front of it, as the host compiles them for the GPU.
 namespace ref {
+#include "../../kernels/cuda/common.cuh"
 #include "../../kernels/cuda/matvec.cu"
 }
 namespace fast {
+#include "../../kernels/cuda/common.cuh"
 #include "../../kernels/cuda/mmvq.cu"
 }
 

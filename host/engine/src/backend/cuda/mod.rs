@@ -33,6 +33,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 
 use crate::quant::GgmlType;
 
+/// `kernels/cuda/common.cuh`: types, f16 conversions and block loads every kernel file uses,
+/// prepended to each before compiling ([`kernel_source`]).
+pub const COMMON_SRC: &str = include_str!("../../../../../kernels/cuda/common.cuh");
 /// `kernels/cuda/matvec.cu`: every tensor type's matrix × activation-rows kernel.
 pub const MATVEC_SRC: &str = include_str!("../../../../../kernels/cuda/matvec.cu");
 /// The other ops of a forward pass (norms, RoPE, KV store, attention, ...).
@@ -224,9 +227,15 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 /// NVRTC options for every kernel (besides the architecture).
 const NVRTC_OPTIONS: &[&str] = &["--std=c++17", "-default-device"];
 
-/// Compiles `src` to a CUBIN for `sm_{arch}` with NVRTC. Works without a GPU (only NVRTC is
-/// needed): CI compiles every kernel this way.
+/// What NVRTC compiles for a kernel file: [`COMMON_SRC`], then the file.
+pub fn kernel_source(src: &str) -> String {
+    format!("{COMMON_SRC}\n{src}")
+}
+
+/// Compiles kernel file `src` (with [`COMMON_SRC`] prepended) to a CUBIN for `sm_{arch}` with
+/// NVRTC. Works without a GPU (only NVRTC is needed): CI compiles every kernel this way.
 pub fn compile_cubin(name: &str, src: &str, arch: u32) -> Result<Vec<u8>, CudaError> {
+    let src = kernel_source(src);
     use cudarc::nvrtc::{result, sys};
     nvrtc_present()?;
     let fail = |log: String| CudaError::Compile {
@@ -292,6 +301,7 @@ fn cached_cubin(
 ) -> Result<(Vec<u8>, bool), CudaError> {
     let arch = info.arch();
     let key = fnv1a(&[
+        COMMON_SRC.as_bytes(),
         src.as_bytes(),
         NVRTC_OPTIONS.join(" ").as_bytes(),
         &arch.to_le_bytes(),
